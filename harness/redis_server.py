@@ -1,0 +1,83 @@
+"""A private redis-server on a free port, which tests may stop and restart to inject faults."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+from harness.ports import free_port
+
+
+class RedisServer:
+    """Runs `redis-server` on 127.0.0.1 and a port of its own; the data lives in a temporary dir.
+
+    Persistence is off: stop() loses the data, as a crashed broker without AOF would; restart()
+    comes back on the same port so clients reconnect.
+    """
+
+    def __init__(self, port: int | None = None, executable: str = "redis-server") -> None:
+        path = shutil.which(executable)
+        if path is None:
+            raise FileNotFoundError(
+                f"{executable} not found: install the Debian package redis-server (scripts/install.sh does)"
+            )
+        self.executable = path
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="changeflow-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        args = [
+            self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start on port {self.port}:\n{log}") from None
+                time.sleep(0.05)
+            finally:
+                client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.close()

@@ -1,0 +1,81 @@
+"""All of changeflow's configuration: environment variables with defaults for local use.
+
+One typed, frozen object read once per process. The listener, the worker and the tasks all take
+their configuration from here, so a variable means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import cache
+
+
+class SettingsError(ValueError):
+    """A configuration variable has a value changeflow cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # MongoDB: the database whose collections are watched, and where changeflow keeps its own state
+    # (profiles, analytics, checkpoints, dead letters).
+    mongodb_uri: str = "mongodb://localhost:27017/?replicaSet=rs0"
+    mongodb_db: str = "changeflow"
+    # Redis: the Celery broker, and the dedup store (defaults to the broker's server).
+    celery_broker_url: str = "redis://localhost:6379/0"
+    redis_url: str = ""
+    # Outgoing mail.
+    smtp_host: str = "localhost"
+    smtp_port: int = 1025
+    mail_from: str = "changeflow <no-reply@changeflow.local>"
+    # Worker behaviour.
+    task_soft_time_limit: int = 30
+    task_time_limit: int = 60
+    task_max_retries: int = 8
+    retry_backoff_max: int = 300
+    # Must exceed the longest task (time limit plus all its retry waits are separate messages, so
+    # the time limit is what counts); otherwise Redis redelivers tasks that are still running.
+    broker_visibility_timeout: int = 3600
+    dedup_ttl_seconds: int = 7 * 24 * 3600
+    # Listener behaviour.
+    listener_batch_size: int = 500
+    listener_max_await_ms: int = 500
+    listener_stream_name: str = "changeflow"
+
+    def __post_init__(self) -> None:
+        if not self.redis_url:
+            object.__setattr__(self, "redis_url", self.celery_broker_url)
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise SettingsError("TASK_SOFT_TIME_LIMIT must be smaller than TASK_TIME_LIMIT")
+        if self.broker_visibility_timeout <= self.task_time_limit:
+            raise SettingsError("BROKER_VISIBILITY_TIMEOUT must be longer than TASK_TIME_LIMIT")
+        for name in ("mongodb_uri", "mongodb_db", "celery_broker_url", "smtp_host", "mail_from"):
+            if not getattr(self, name):
+                raise SettingsError(f"{name.upper()} must not be empty")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every field from the upper-case environment variable of the same name."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = env.get(field.name.upper())
+            if raw is None or raw == "":
+                continue
+            if field.type == "int":
+                try:
+                    values[field.name] = int(raw)
+                except ValueError:
+                    raise SettingsError(f"{field.name.upper()} must be an integer, got {raw!r}") from None
+                if values[field.name] < 0:  # type: ignore[operator]
+                    raise SettingsError(f"{field.name.upper()} must not be negative, got {raw!r}")
+            else:
+                values[field.name] = raw
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings.from_env()
