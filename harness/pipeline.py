@@ -1,0 +1,150 @@
+"""The whole pipeline on this machine, with real processes on free ports.
+
+redis-server (broker and dedup store), MongoDB (MONGODB_URI when given, else the MongoDB test
+server as a subprocess), an SMTP sink, `python -m listener`, N `celery -A worker worker` processes
+and optionally Flower. Used by the end-to-end tests, the quickstart demo, the fault suite and the
+benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import pymongo
+from pymongo.database import Database
+
+from harness.ports import free_port
+from harness.processes import (
+    ManagedProcess,
+    flower_process,
+    listener_process,
+    mongo_double_process,
+    mongo_double_uri,
+    worker_process,
+)
+from harness.redis_server import RedisServer
+from harness.smtp_sink import SmtpSink
+
+
+class LocalPipeline:
+    def __init__(
+        self,
+        *,
+        workers: int = 2,
+        worker_concurrency: int = 2,
+        flower_port: int | None = None,
+        mongodb_uri: str | None = None,
+        oplog_size: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="changeflow-run-"))
+        self.worker_count = workers
+        self.worker_concurrency = worker_concurrency
+        self.flower_port = flower_port
+        self.oplog_size = oplog_size
+        self.extra_env = extra_env or {}
+        # A real server is shared: work in a database of our own and drop only that one.
+        self.external_mongodb_uri = mongodb_uri if mongodb_uri is not None else os.environ.get("MONGODB_URI")
+        self.db_name = f"changeflow_{uuid.uuid4().hex[:10]}" if self.external_mongodb_uri else "changeflow"
+        self.redis: RedisServer | None = None
+        self.mongo: ManagedProcess | None = None
+        self.mongodb_uri = ""
+        self.sink: SmtpSink | None = None
+        self.listener: ManagedProcess | None = None
+        self.workers: list[ManagedProcess] = []
+        self.flower: ManagedProcess | None = None
+        self.client: pymongo.MongoClient | None = None
+
+    # -- start and stop ---------------------------------------------------------------------
+    def start(self, *, listener: bool = True) -> LocalPipeline:
+        try:
+            self.redis = RedisServer().start()
+            if self.external_mongodb_uri:
+                self.mongodb_uri = self.external_mongodb_uri
+            else:
+                self.mongo = mongo_double_process(log_dir=self.log_dir, oplog_size=self.oplog_size).start()
+                self.mongodb_uri = mongo_double_uri(self.mongo)
+            self.client = pymongo.MongoClient(self.mongodb_uri, serverSelectionTimeoutMS=10_000)
+            self.sink = SmtpSink(port=0)
+            self.sink.start()
+            for i in range(self.worker_count):
+                self.start_worker(f"worker{i + 1}")
+            if self.flower_port is not None:
+                self.flower = flower_process(self.env, self.flower_port, log_dir=self.log_dir).start()
+            if listener:
+                self.start_listener()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def env(self) -> dict[str, str]:
+        assert self.redis is not None and self.sink is not None, "pipeline not started"
+        return {
+            "MONGODB_URI": self.mongodb_uri,
+            "MONGODB_DB": self.db_name,
+            "CELERY_BROKER_URL": self.redis.url,
+            "REDIS_URL": self.redis.url,
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(self.sink.port),
+            **self.extra_env,
+        }
+
+    def start_listener(self, *args: str, name: str = "listener") -> ManagedProcess:
+        self.listener = listener_process(self.env, *args, log_dir=self.log_dir, name=name).start()
+        return self.listener
+
+    def start_worker(self, name: str) -> ManagedProcess:
+        worker = worker_process(self.env, name, concurrency=self.worker_concurrency, log_dir=self.log_dir)
+        self.workers.append(worker.start(timeout=60))
+        return worker
+
+    def stop(self) -> None:
+        for process in [self.listener, self.flower, *self.workers]:
+            if process is not None:
+                process.stop()
+        if self.sink is not None:
+            self.sink.stop()
+        if self.client is not None:
+            if self.external_mongodb_uri:
+                self.client.drop_database(self.db_name)
+            self.client.close()
+        if self.mongo is not None:
+            self.mongo.stop()
+        if self.redis is not None:
+            self.redis.close()
+
+    def __enter__(self) -> LocalPipeline:
+        return self.start()
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()
+
+    # -- observing --------------------------------------------------------------------------
+    @property
+    def db(self) -> Database:
+        assert self.client is not None, "pipeline not started"
+        return self.client[self.db_name]
+
+    def logs(self) -> str:
+        """Every process log, for a failing test's message."""
+        return "\n".join(f"===== {p.name}\n{p.log_text(since_start=False)[-3000:]}"
+                         for p in [self.listener, *self.workers] if p is not None)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    """Poll condition until it holds or timeout passes; returns whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
