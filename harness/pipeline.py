@@ -19,7 +19,6 @@ from types import TracebackType
 import pymongo
 from pymongo.database import Database
 
-from harness.ports import free_port
 from harness.processes import (
     ManagedProcess,
     flower_process,
@@ -136,8 +135,11 @@ class LocalPipeline:
 
     def logs(self) -> str:
         """Every process log, for a failing test's message."""
-        return "\n".join(f"===== {p.name}\n{p.log_text(since_start=False)[-3000:]}"
-                         for p in [self.listener, *self.workers] if p is not None)
+        return "\n".join(
+            f"===== {p.name}\n{p.log_text(since_start=False)[-3000:]}"
+            for p in [self.listener, *self.workers]
+            if p is not None
+        )
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:

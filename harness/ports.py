@@ -22,5 +22,7 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> 
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing accepted connections on {host}:{port} within {timeout}s") from None
+                raise TimeoutError(
+                    f"nothing accepted connections on {host}:{port} within {timeout}s"
+                ) from None
             time.sleep(0.05)

@@ -6,6 +6,7 @@ Tests, the quickstart demo, benchmarks and the fault suite all start processes t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -46,7 +47,12 @@ class ManagedProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.args, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.args,
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         if self.ready is not None:
@@ -75,7 +81,8 @@ class ManagedProcess:
                 )
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"{self.name} did not log {regex.pattern!r} within {timeout}s:\n" + self.log_text()[-4000:]
+                    f"{self.name} did not log {regex.pattern!r} within {timeout}s:\n"
+                    + self.log_text()[-4000:]
                 )
             time.sleep(0.05)
 
@@ -101,10 +108,8 @@ class ManagedProcess:
         """SIGKILL the whole process group (a Celery worker's pool children too): a crash."""
         if self.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait()
 
     def stop(self, timeout: float = 20.0) -> int | None:
@@ -113,15 +118,11 @@ class ManagedProcess:
             return None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         code = self.process.poll()
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait()
         return code
 
@@ -142,13 +143,15 @@ def mongo_double_uri(process: ManagedProcess) -> str:
     return process.wait_for_log(r"ready (mongodb://\S+)").group(1)
 
 
-def listener_process(env: Mapping[str, str], *args: str, log_dir: Path | None = None,
-                     name: str = "listener") -> ManagedProcess:
+def listener_process(
+    env: Mapping[str, str], *args: str, log_dir: Path | None = None, name: str = "listener"
+) -> ManagedProcess:
     return python_module(name, "listener", *args, env=env, ready=r"listener ready", log_dir=log_dir)
 
 
-def worker_process(env: Mapping[str, str], name: str, *, concurrency: int = 2,
-                   log_dir: Path | None = None) -> ManagedProcess:
+def worker_process(
+    env: Mapping[str, str], name: str, *, concurrency: int = 2, log_dir: Path | None = None
+) -> ManagedProcess:
     args = [
         "-A", "worker", "worker", "--loglevel", "INFO", "--concurrency", str(concurrency),
         "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip",

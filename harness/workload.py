@@ -40,7 +40,9 @@ class Workload:
         email_of = {user["_id"]: user["email"] for user in self.users}
         user_of = {order["_id"]: order["user_id"] for order in self.orders}
         return Counter(
-            email_of[user_of[order_id]] for order_id, status in self.transitions if status in NOTIFIED_STATUSES
+            email_of[user_of[order_id]]
+            for order_id, status in self.transitions
+            if status in NOTIFIED_STATUSES
         )
 
     def expected_status_counts(self) -> Counter[str]:
@@ -61,7 +63,12 @@ def plan(users: int, orders: int, *, prefix: str = "user") -> Workload:
         work.users.append({"_id": ObjectId(), "email": f"{prefix}{i}@example.test", "name": f"User {i}"})
     for i in range(orders):
         user = work.users[i % users]
-        order = {"_id": ObjectId(), "user_id": user["_id"], "status": "pending", "total": Decimal128(f"{i}.99")}
+        order = {
+            "_id": ObjectId(),
+            "user_id": user["_id"],
+            "status": "pending",
+            "total": Decimal128(f"{i}.99"),
+        }
         work.orders.append(order)
         work.transitions.extend((order["_id"], status) for status in STATUS_PATHS[i % len(STATUS_PATHS)])
     return work

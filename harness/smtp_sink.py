@@ -1,0 +1,156 @@
+"""A real local SMTP server that keeps what it receives: for tests, the demo and benchmarks.
+
+    with SmtpSink() as sink:                      # a free port on 127.0.0.1
+        ... send mail to sink.host:sink.port ...
+        sink.wait_for(1, timeout=5)
+        assert sink.count_by_message_id() == {"<key@changeflow>": 1}
+
+`python -m harness.smtp_sink --port N` runs one in the foreground: it prints
+`ready smtp://127.0.0.1:PORT` once listening, then one line per received message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from types import FrameType, TracebackType
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from harness.ports import free_port
+
+
+class ReceivedMessage(EmailMessage):
+    """A parsed message plus its SMTP envelope (which the headers need not match)."""
+
+    envelope_from: str = ""
+    envelope_rcpt: list[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.envelope_rcpt = []
+
+
+class _Handler:
+    def __init__(self, sink: SmtpSink) -> None:
+        self.sink = sink
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return self.sink._receive(envelope)
+
+
+class SmtpSink:
+    """An aiosmtpd server in a background thread; `messages` is what it accepted, in order."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port or free_port()
+        self.on_message: Callable[[ReceivedMessage], None] | None = None
+        self._messages: list[ReceivedMessage] = []
+        self._changed = threading.Condition()
+        self._failures: list[str] = []
+        self._controller = Controller(_Handler(self), hostname=host, port=self.port, ready_timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+    def start(self) -> SmtpSink:
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def __enter__(self) -> SmtpSink:
+        return self.start()
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()
+
+    def _receive(self, envelope: Envelope) -> str:
+        with self._changed:
+            if self._failures:
+                return self._failures.pop(0)  # an injected fault: the message is not kept
+        content = envelope.content if isinstance(envelope.content, bytes) else str(envelope.content).encode()
+        message = BytesParser(_class=ReceivedMessage, policy=policy.default).parsebytes(content)
+        assert isinstance(message, ReceivedMessage)
+        message.envelope_from = envelope.mail_from or ""
+        message.envelope_rcpt = list(envelope.rcpt_tos)
+        with self._changed:
+            self._messages.append(message)
+            self._changed.notify_all()
+        if self.on_message is not None:
+            self.on_message(message)
+        return "250 OK"
+
+    def fail_next(self, count: int = 1, reply: str = "451 4.3.0 try again later") -> None:
+        """Answer the next `count` messages with `reply` instead of accepting them (fault injection)."""
+        with self._changed:
+            self._failures.extend([reply] * count)
+
+    @property
+    def messages(self) -> list[ReceivedMessage]:
+        """A snapshot of the accepted messages."""
+        with self._changed:
+            return list(self._messages)
+
+    def clear(self) -> None:
+        with self._changed:
+            self._messages.clear()
+
+    def count_by_message_id(self) -> Counter[str]:
+        """How many times each Message-ID arrived (a duplicate shows as a count above 1)."""
+        return Counter(str(m.get("Message-ID", "")) for m in self.messages)
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[ReceivedMessage]:
+        """Block until at least `n` messages arrived; TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self._messages) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(self._messages)} of {n} messages arrived within {timeout}s")
+                self._changed.wait(remaining)
+            return list(self._messages)
+
+
+def _print_message(message: ReceivedMessage) -> None:
+    print(
+        f"to={','.join(message.envelope_rcpt)} subject={message.get('Subject', '')!r} "
+        f"message-id={message.get('Message-ID', '')}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.smtp_sink", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    with SmtpSink(port=args.port, host=args.host) as sink:
+        sink.on_message = _print_message
+        print(f"ready {sink.url}", flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

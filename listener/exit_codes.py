@@ -1,0 +1,6 @@
+"""The listener's process exit codes: each says why it stopped, so a supervisor can react."""
+
+EXIT_OK = 0  # stopped on request (SIGTERM/SIGINT) after finishing its batch
+EXIT_USAGE = 2  # bad flags or settings (argparse uses 2 as well)
+EXIT_HISTORY_LOST = 3  # the checkpoint is older than the oplog: events were lost, a human decides
+EXIT_FATAL = 4  # any other non-resumable MongoDB error (auth, not a replica set, bad token, ...)

@@ -1,0 +1,430 @@
+"""The change-event log, resume tokens and change-stream cursors (MongoDB 7.0 semantics).
+
+Every write appends ChangeRecords to the log under the storage lock; the log stamps them with a
+cluster time and a sequence number. A change stream is a position (the sequence number of the last
+event it has passed) plus a filter. Waiting readers block on the log's Condition only, never on the
+storage lock, so writers are never held up by an idle listener.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson import Int64, Timestamp
+from mongomock.aggregate import process_pipeline
+
+from mongo_double.errors import MongoError
+from mongo_double.storage import ChangeRecord
+
+# Stages mongod allows after $changeStream.
+ALLOWED_STAGES = frozenset(
+    {"$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact"}
+)
+INTERNAL_DBS = frozenset({"admin", "config", "local"})
+DEFAULT_AWAIT_MS = 1000  # mongod's awaitData default when getMore carries no maxTimeMS
+
+
+class Clock:
+    """Cluster time: a Timestamp that strictly increases with every write."""
+
+    def __init__(self) -> None:
+        self._last = Timestamp(int(time.time()), 1)
+
+    def now(self) -> Timestamp:
+        return self._last
+
+    def tick(self) -> Timestamp:
+        seconds = int(time.time())
+        last = self._last
+        self._last = Timestamp(seconds, 1) if seconds > last.time else Timestamp(last.time, last.inc + 1)
+        return self._last
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume tokens: _data = hex(seconds:8, increment:8, sequence:16, flag:2), so that string order
+# equals event order. flag 1 marks the invalidate event that follows the event with that sequence.
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    ts_seconds: int
+    ts_inc: int
+    seq: int
+    invalidate: bool = False
+
+    def token(self) -> dict[str, str]:
+        return {"_data": f"{self.ts_seconds:08X}{self.ts_inc:08X}{self.seq:016X}{int(self.invalidate):02X}"}
+
+
+def decode_token(token: Any) -> Position:
+    data = token.get("_data") if isinstance(token, dict) else None
+    if not isinstance(data, str) or len(data) != 34:
+        raise MongoError(260, f"Invalid resume token: {token!r}")
+    try:
+        return Position(int(data[0:8], 16), int(data[8:16], 16), int(data[16:32], 16), data[32:34] == "01")
+    except ValueError:
+        raise MongoError(260, f"Invalid resume token: {token!r}") from None
+
+
+@dataclass
+class Event:
+    seq: int
+    ts: Timestamp
+    wall: datetime.datetime
+    record: ChangeRecord
+    lsid: dict[str, Any] | None = None
+    txn_number: Int64 | None = None
+
+    def position(self, invalidate: bool = False) -> Position:
+        return Position(self.ts.time, self.ts.inc, self.seq, invalidate)
+
+
+class EventLog:
+    """The bounded in-memory oplog of change events."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self.cond = threading.Condition()
+        self.clock = Clock()
+        self.events: deque[Event] = deque()
+        self.last_seq = 0
+        # The newest event dropped from the log: resuming before it would lose events.
+        self.trimmed_seq = 0
+        self.trimmed_ts: Timestamp | None = None
+        self.closed = False
+
+    def append(self, records: list[ChangeRecord], lsid: dict | None = None, txn_number: Any = None) -> None:
+        """Stamp and store records; the caller holds the storage lock, so log order == write order."""
+        if not records:
+            return
+        with self.cond:
+            # Events of one transaction share the commit's cluster time, as in mongod's applyOps.
+            shared = self.clock.tick() if lsid is not None else None
+            for record in records:
+                ts = shared or self.clock.tick()
+                self.last_seq += 1
+                wall = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+                wall = wall.replace(microsecond=wall.microsecond // 1000 * 1000)
+                txn = Int64(txn_number) if txn_number is not None else None
+                self.events.append(Event(self.last_seq, ts, wall, record, lsid, txn))
+                if len(self.events) > self.size:
+                    dropped = self.events.popleft()
+                    self.trimmed_seq, self.trimmed_ts = dropped.seq, dropped.ts
+            self.cond.notify_all()
+
+    def tick(self) -> Timestamp:
+        with self.cond:
+            return self.clock.tick()
+
+    def now(self) -> Timestamp:
+        with self.cond:
+            return self.clock.now()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    # Called with self.cond held.
+    def _after(self, seq: int, max_events: int = 1000) -> list[Event]:
+        """Up to max_events events after `seq`, oldest first (read from the right: readers are usually near
+        the end, and deque indexing from the left is O(n))."""
+        behind = min(self.last_seq - seq, len(self.events))
+        if behind <= 0:
+            return []
+        newest_first = list(itertools.islice(reversed(self.events), behind))
+        return newest_first[::-1][:max_events]
+
+    def _position_of(self, seq: int) -> Position:
+        """High-water mark just after event `seq`: sorts after it and before the next event."""
+        if seq >= self.last_seq:
+            now = self.clock.now()
+            return Position(now.time, now.inc, seq)
+        if self.events and self.events[0].seq <= seq:
+            return self.events[seq - self.events[0].seq].position()
+        nxt = self.events[0].ts if self.events else self.clock.now()
+        return Position(nxt.time, max(0, nxt.inc - 1), seq)
+
+
+@dataclass
+class ChangeStream:
+    """A change-stream cursor."""
+
+    cursor_id: int
+    db: str
+    coll: str | None  # None: a database or cluster stream
+    cluster: bool
+    pipeline: list[dict[str, Any]]
+    full_document: str
+    before_change: str
+    seq: int  # last event passed (returned or filtered out)
+    min_ts: Timestamp | None = None
+    invalidated: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def ns(self) -> str:
+        return f"{self.db}.{self.coll}" if self.coll else f"{self.db}.$cmd.aggregate"
+
+    def matches(self, record: ChangeRecord) -> bool:
+        if self.cluster:
+            return record.db not in INTERNAL_DBS
+        if record.db != self.db:
+            return False
+        if self.coll is None:
+            return record.coll is None or not record.coll.startswith("system.")
+        return record.coll == self.coll
+
+    def invalidates(self, record: ChangeRecord) -> bool:
+        if self.cluster:
+            return False
+        if self.coll is None:
+            return record.op == "dropDatabase"
+        return record.op in ("drop", "rename")
+
+
+def validate_pipeline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for stage in stages:
+        if not isinstance(stage, dict) or len(stage) != 1:
+            raise MongoError(40323, "A pipeline stage specification object must contain exactly one field.")
+        name = next(iter(stage))
+        if name not in ALLOWED_STAGES:
+            raise MongoError(
+                20,
+                f"{name} is not permitted in a $changeStream pipeline"
+                if name.startswith("$")
+                else f"Unrecognized pipeline stage name: '{name}'",
+            )
+        out.append(stage)
+    return translate_stages(out)
+
+
+def translate_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rewrite stages mongomock lacks into equivalent ones it has."""
+    out = []
+    for stage in stages:
+        name, spec = next(iter(stage.items()))
+        if name == "$replaceWith":
+            out.append({"$replaceRoot": {"newRoot": spec}})
+        elif name == "$unset":
+            fields = [spec] if isinstance(spec, str) else list(spec)
+            out.append({"$project": dict.fromkeys(fields, 0)})
+        elif name == "$redact":
+            raise MongoError(115, "$redact is not supported by the MongoDB test server")
+        else:
+            out.append(stage)
+    return out
+
+
+def open_stream(
+    log: EventLog,
+    cursor_id: int,
+    db: str,
+    coll: str | None,
+    spec: dict[str, Any],
+    pipeline: list[dict[str, Any]],
+) -> ChangeStream:
+    """Validate $changeStream options and place the new stream in the log."""
+    cluster = bool(spec.get("allChangesForCluster"))
+    if cluster and (db != "admin" or coll is not None):
+        raise MongoError(
+            73,
+            "A $changeStream with 'allChangesForCluster:true' may only be opened on the "
+            "'admin' database, and with no collection name",
+        )
+    if not cluster and db == "admin":
+        raise MongoError(73, "$changeStream may not be opened on the internal admin database")
+    full_document = spec.get("fullDocument", "default")
+    if full_document not in ("default", "updateLookup", "whenAvailable", "required"):
+        raise MongoError(2, f"unknown full document type: '{full_document}'")
+    before = spec.get("fullDocumentBeforeChange", "off")
+    if before not in ("off", "whenAvailable", "required"):
+        raise MongoError(2, f"unknown full document before change type: '{before}'")
+    unknown = set(spec) - {
+        "fullDocument",
+        "fullDocumentBeforeChange",
+        "resumeAfter",
+        "startAfter",
+        "startAtOperationTime",
+        "allChangesForCluster",
+        "showExpandedEvents",
+        "allowToRunOnConfigDB",
+        "allowToRunOnSystemNS",
+    }
+    if unknown:
+        raise MongoError(40415, f"BSON field '$changeStream.{sorted(unknown)[0]}' is an unknown field.")
+    starts = [k for k in ("resumeAfter", "startAfter", "startAtOperationTime") if k in spec]
+    if len(starts) > 1:
+        raise MongoError(40674, "Only one type of resume option is allowed, but multiple were found.")
+    stages = validate_pipeline(pipeline)
+    with log.cond:
+        min_ts = None
+        if "resumeAfter" in spec or "startAfter" in spec:
+            pos = decode_token(spec.get("resumeAfter", spec.get("startAfter")))
+            if pos.invalidate and "resumeAfter" in spec:
+                raise MongoError(
+                    260,
+                    "Attempting to resume a change stream using 'resumeAfter' is not allowed "
+                    "from an invalidate notification.",
+                )
+            if pos.seq < log.trimmed_seq:
+                raise history_lost()
+            seq = pos.seq
+        elif "startAtOperationTime" in spec:
+            min_ts = spec["startAtOperationTime"]
+            if not isinstance(min_ts, Timestamp):
+                raise MongoError(14, "startAtOperationTime must be a Timestamp")
+            if log.trimmed_ts is not None and log.trimmed_ts >= min_ts:
+                raise history_lost()
+            seq = log.trimmed_seq
+        else:
+            seq = log.last_seq
+    return ChangeStream(cursor_id, db, coll, cluster, stages, full_document, before, seq, min_ts)
+
+
+def history_lost() -> MongoError:
+    return MongoError(
+        286,
+        "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
+        labels=["NonResumableChangeStreamError"],
+    )
+
+
+Lookup = Callable[[str, str, dict[str, Any]], dict[str, Any] | None]
+
+
+def next_batch(
+    log: EventLog, stream: ChangeStream, batch_size: int | None, await_ms: int | None, lookup: Lookup
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Events after the stream's position, waiting up to await_ms for the first one.
+
+    Returns (batch, postBatchResumeToken). `lookup(db, coll, documentKey)` reads the current document
+    for fullDocument: updateLookup; it takes the storage lock, so it is called without log.cond held.
+    """
+    limit = batch_size if batch_size and batch_size > 0 else 1_000_000
+    deadline = time.monotonic() + (await_ms or 0) / 1000
+    batch: list[dict[str, Any]] = []
+    while True:
+        with log.cond:
+            if stream.seq < log.trimmed_seq:
+                raise history_lost()
+            pending = log._after(stream.seq)
+            while not pending and await_ms and not log.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                log.cond.wait(remaining)
+                pending = log._after(stream.seq)
+        for event in pending:
+            if len(batch) >= limit or stream.invalidated:
+                break
+            stream.seq = event.seq
+            if (stream.min_ts is not None and event.ts < stream.min_ts) or not stream.matches(event.record):
+                continue
+            doc = build_event(event, stream, lookup)
+            batch.extend(apply_pipeline(doc, stream.pipeline))
+            if stream.invalidates(event.record):
+                stream.invalidated = True
+                inv_pos = event.position(invalidate=True)
+                batch.extend(
+                    apply_pipeline(
+                        {
+                            "_id": inv_pos.token(),
+                            "operationType": "invalidate",
+                            "clusterTime": event.ts,
+                            "wallTime": event.wall,
+                        },
+                        stream.pipeline,
+                    )
+                )
+        if batch or stream.invalidated or not await_ms or time.monotonic() >= deadline or log.closed:
+            break
+    with log.cond:
+        if stream.invalidated:
+            pbrt = log._position_of(stream.seq)
+            pbrt = Position(pbrt.ts_seconds, pbrt.ts_inc, pbrt.seq, True)
+        else:
+            pbrt = log._position_of(stream.seq)
+    return batch, pbrt.token()
+
+
+def apply_pipeline(doc: dict[str, Any], stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not stages:
+        return [doc]
+    try:
+        out = list(process_pipeline([doc], None, stages, None))
+    except MongoError:
+        raise
+    except NotImplementedError as exc:
+        raise MongoError(115, f"not supported by the MongoDB test server: {exc}") from exc
+    except Exception as exc:
+        raise MongoError(2, f"{type(exc).__name__}: {exc}") from exc
+    for result in out:
+        if result.get("_id") != doc["_id"]:
+            raise MongoError(
+                280,
+                "Encountered an event whose _id field, which contains the resume token, was "
+                "modified by the pipeline. Modifying the _id field of an event makes it "
+                "impossible to resume the stream from that point.",
+            )
+    return out
+
+
+def build_event(event: Event, stream: ChangeStream, lookup: Lookup) -> dict[str, Any]:
+    """The event document, field by field in mongod 7.0's order."""
+    rec = event.record
+    doc: dict[str, Any] = {
+        "_id": event.position().token(),
+        "operationType": rec.op,
+        "clusterTime": event.ts,
+        "wallTime": event.wall,
+    }
+    if rec.op in ("insert", "replace"):
+        doc["fullDocument"] = rec.full_document
+    if rec.op == "dropDatabase":
+        doc["ns"] = {"db": rec.db}
+    else:
+        doc["ns"] = {"db": rec.db, "coll": rec.coll}
+    if rec.op == "rename":
+        doc["to"] = rec.to
+    if rec.document_key is not None:
+        doc["documentKey"] = rec.document_key
+    if rec.op == "update":
+        doc["updateDescription"] = rec.update_description
+        if stream.full_document == "updateLookup":
+            doc["fullDocument"] = lookup(rec.db, rec.coll or "", rec.document_key or {})
+        elif stream.full_document in ("whenAvailable", "required"):
+            if rec.images_enabled:
+                doc["fullDocument"] = rec.full_document
+            elif stream.full_document == "required":
+                raise MongoError(
+                    47,
+                    "Change stream was configured to require a post-image for all update, "
+                    f"delete and replace events, but the post-image was not found for event: "
+                    f"{doc['_id']}",
+                )
+            else:
+                doc["fullDocument"] = None
+    if rec.op in ("update", "replace", "delete") and stream.before_change != "off":
+        if rec.images_enabled:
+            doc["fullDocumentBeforeChange"] = rec.pre_image
+        elif stream.before_change == "required":
+            raise MongoError(
+                47,
+                "Change stream was configured to require a pre-image for all update, delete "
+                f"and replace events, but the pre-image was not found for event: {doc['_id']}",
+            )
+        else:
+            doc["fullDocumentBeforeChange"] = None
+    if event.lsid is not None:
+        doc["lsid"] = event.lsid
+        doc["txnNumber"] = event.txn_number
+    return doc

@@ -1,0 +1,153 @@
+"""Emails: a welcome mail for each new user, a notification when an order ships or is delivered.
+
+Building a message is pure (`welcome_email`, `shipping_email`); sending is plain smtplib. The
+Message-ID is derived from the dedup key, so the one duplicate the guard cannot prevent (a worker
+dying after the SMTP server accepted the mail, before the key was marked done) carries the same
+Message-ID as the original and the receiving side can drop it.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+from collections.abc import Mapping
+from decimal import Decimal
+from email.message import EmailMessage
+from email.utils import formataddr, formatdate
+from typing import Any
+
+from bson import Decimal128
+
+from worker import task
+from worker.errors import PermanentTaskError, Skip, TransientTaskError
+from worker.idempotent import current_key
+from worker.mongo import get_db
+from worker.settings import get_settings
+
+NOTIFIED_STATUSES = frozenset({"shipped", "delivered"})
+SMTP_TIMEOUT_SECONDS = 20
+# Deliberately simple: the mail server has the last word; this only stops what is surely wrong
+# (and anything with CR/LF, which could inject headers).
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
+def message_id(key: str) -> str:
+    return f"<{key}@changeflow>"
+
+
+def valid_email(value: object) -> str:
+    """The address, or PermanentTaskError when it is missing or not an address."""
+    if not isinstance(value, str) or not _EMAIL.fullmatch(value.strip()):
+        raise PermanentTaskError(f"no valid email address: {value!r}")
+    return value.strip()
+
+
+def _display_name(user: Mapping[str, Any]) -> str:
+    name = user.get("name")
+    return " ".join(name.split()) if isinstance(name, str) else ""  # no newlines in headers
+
+
+def _base_message(user: Mapping[str, Any], *, key: str, mail_from: str, subject: str) -> EmailMessage:
+    address = valid_email(user.get("email"))
+    message = EmailMessage()
+    message["From"] = mail_from
+    message["To"] = formataddr((_display_name(user), address))
+    message["Subject"] = subject
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = message_id(key)
+    return message
+
+
+def welcome_email(user: Mapping[str, Any], *, key: str, mail_from: str) -> EmailMessage:
+    """The welcome mail for a new user document `{_id, email, name, ...}`."""
+    name = _display_name(user)
+    message = _base_message(user, key=key, mail_from=mail_from, subject="Welcome to changeflow")
+    message.set_content(
+        f"Hello {name or 'there'},\n\nwelcome aboard! Your account is ready.\n\n-- changeflow\n"
+    )
+    return message
+
+
+def _money(total: object) -> str:
+    if isinstance(total, Decimal128):
+        total = total.to_decimal()
+    if isinstance(total, Decimal | int | float):
+        return f"{Decimal(str(total)):.2f}"
+    return str(total)
+
+
+def shipping_email(
+    user: Mapping[str, Any], order: Mapping[str, Any], status: str, *, key: str, mail_from: str
+) -> EmailMessage:
+    """The notification that `order` is now `status` ("shipped" or "delivered")."""
+    if status not in NOTIFIED_STATUSES:
+        raise ValueError(f"no notification for status {status!r}")
+    order_id = order.get("_id")
+    verb = "has shipped" if status == "shipped" else "has been delivered"
+    message = _base_message(user, key=key, mail_from=mail_from, subject=f"Your order {order_id} {verb}")
+    lines = [f"Hello {_display_name(user) or 'there'},", "", f"your order {order_id} {verb}."]
+    if order.get("total") is not None:
+        lines.append(f"Order total: {_money(order['total'])}")
+    message.set_content("\n".join([*lines, "", "-- changeflow", ""]))
+    return message
+
+
+def new_status(event: Mapping[str, Any]) -> str | None:
+    """The status an update event sets (from updatedFields: fullDocument may be a later post-image)."""
+    if event.get("operationType") != "update":
+        return None
+    status = ((event.get("updateDescription") or {}).get("updatedFields") or {}).get("status")
+    return status if isinstance(status, str) else None
+
+
+def send(message: EmailMessage) -> None:
+    """Hand `message` to SMTP_HOST:SMTP_PORT; 4xx replies are transient, 5xx permanent."""
+    settings = get_settings()
+    try:
+        with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=SMTP_TIMEOUT_SECONDS) as smtp:
+            smtp.send_message(message)
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = [code for code, _ in exc.recipients.values()]
+        if all(400 <= code < 500 for code in codes):
+            raise TransientTaskError(f"recipients temporarily refused: {exc.recipients}") from exc
+        raise PermanentTaskError(f"recipients refused: {exc.recipients}") from exc
+    except (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected):
+        raise  # transient, retried by the guard
+    except smtplib.SMTPResponseException as exc:
+        if 400 <= exc.smtp_code < 500:
+            raise TransientTaskError(f"SMTP {exc.smtp_code}: {exc.smtp_error!r}") from exc
+        raise PermanentTaskError(f"SMTP {exc.smtp_code}: {exc.smtp_error!r}") from exc
+
+
+def _full_document(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    document = event.get("fullDocument")
+    if not isinstance(document, Mapping):
+        raise PermanentTaskError(f"event {event.get('_id')!r} has no fullDocument")
+    return document
+
+
+@task
+def send_welcome_email(event: dict[str, Any]) -> None:
+    """Welcome the user a users insert created."""
+    user = _full_document(event)
+    send(welcome_email(user, key=current_key(), mail_from=get_settings().mail_from))
+
+
+@task
+def send_shipping_notification(event: dict[str, Any]) -> None:
+    """Tell the order's user it shipped / was delivered; other status changes send nothing."""
+    status = new_status(event)
+    if status not in NOTIFIED_STATUSES:
+        raise Skip(f"order status {status!r} sends no notification")
+    db = get_db()
+    order: Mapping[str, Any] | None = event.get("fullDocument")
+    if not isinstance(order, Mapping) or "user_id" not in order:
+        # No post-image in the event: read the order (its user_id does not change).
+        order = db.orders.find_one({"_id": event["documentKey"]["_id"]})
+        if order is None:
+            raise PermanentTaskError(f"order {event['documentKey']['_id']!r} no longer exists")
+    user_id = order.get("user_id")
+    user = db.users.find_one({"_id": user_id})
+    if user is None:
+        raise PermanentTaskError(f"order {order.get('_id')!r} points at missing user {user_id!r}")
+    send(shipping_email(user, order, status, key=current_key(), mail_from=get_settings().mail_from))

@@ -1,0 +1,68 @@
+"""The dedup store against a real (private) redis-server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from harness.redis_server import RedisServer
+from worker.dedup import DedupStore
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def store(client: redis.Redis) -> DedupStore:
+    return DedupStore(client, done_ttl_seconds=100, lease_ttl_seconds=60)
+
+
+def test_a_key_is_done_only_after_mark_done(store: DedupStore, client: redis.Redis) -> None:
+    assert not store.is_done("k")
+    assert store.acquire_lease("k", "a")
+    assert not store.is_done("k")  # running is not done
+    store.mark_done("k", "a")
+    assert store.is_done("k")
+    assert store.outcome("k") == "ok"
+    assert store.lease_owner("k") is None  # done releases the lease in the same step
+    assert 95 <= client.ttl("changeflow:done:k") <= 100
+
+
+def test_lease_is_exclusive_and_expires(store: DedupStore, client: redis.Redis) -> None:
+    assert store.acquire_lease("k", "a")
+    assert not store.acquire_lease("k", "b")
+    assert store.lease_owner("k") == "a"
+    ttl = store.lease_ttl("k")
+    assert ttl is not None and 59 < ttl <= 60
+    client.pexpire("changeflow:lease:k", 50)  # as if the holder died long ago
+    time.sleep(0.1)
+    assert store.lease_ttl("k") is None
+    assert store.acquire_lease("k", "b")
+
+
+def test_only_the_owner_releases_a_lease(store: DedupStore) -> None:
+    assert store.acquire_lease("k", "a")
+    assert not store.release_lease("k", "b")
+    assert store.lease_owner("k") == "a"
+    assert store.release_lease("k", "a")
+    assert store.lease_owner("k") is None
+
+
+def test_mark_done_by_a_stale_owner_keeps_the_current_lease(store: DedupStore) -> None:
+    assert store.acquire_lease("k", "current")
+    store.mark_done("k", "stale", "skipped")
+    assert store.outcome("k") == "skipped"
+    assert store.lease_owner("k") == "current"
+
+
+def test_keys_are_prefixed(store: DedupStore, client: redis.Redis) -> None:
+    store.acquire_lease("k1", "a")
+    store.mark_done("k2", "a")
+    assert sorted(client.keys("*")) == [b"changeflow:done:k2", b"changeflow:lease:k1"]

@@ -1,0 +1,114 @@
+"""Event -> messages, and the Celery publisher's split of errors (broker vs. one bad payload)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mongomock
+import pytest
+from bson import ObjectId
+from bson.code import Code
+from bson.regex import Regex
+from celery import Celery
+
+from harness.ports import free_port
+from listener.publish import (
+    BrokerUnavailable,
+    CeleryPublisher,
+    Rejected,
+    messages_for,
+    record_unpublishable,
+    storable,
+)
+from worker.app import celery_config
+from worker.keys import dedup_key
+from worker.serialization import check_serializable
+from worker.settings import Settings
+
+
+def user_insert(data: str = "8201", **document: Any) -> dict[str, Any]:
+    oid = ObjectId()
+    return {
+        "_id": {"_data": data},
+        "operationType": "insert",
+        "ns": {"db": "app", "coll": "users"},
+        "documentKey": {"_id": oid},
+        "fullDocument": {"_id": oid, "email": "a@example.com", **document},
+        "lsid": {"id": "session"},
+    }
+
+
+def celery_app(broker_url: str) -> Celery:
+    """An app configured exactly like worker.app, on another broker."""
+    app = Celery("changeflow-test", set_as_current=False)
+    app.conf.update(celery_config(Settings(celery_broker_url=broker_url)))
+    return app
+
+
+def test_messages_share_the_trimmed_payload_and_use_dedup_keys() -> None:
+    change = user_insert()
+    messages = messages_for(change)
+    assert [m.task_name for m in messages] == ["tasks.send_welcome_email", "tasks.create_profile"]
+    assert [m.task_id for m in messages] == [dedup_key(change["_id"], m.task_name) for m in messages]
+    assert messages[0].payload == messages[1].payload
+    assert "lsid" not in messages[0].payload
+    assert messages[0].payload["fullDocument"] == change["fullDocument"]
+
+
+def test_unrouted_event_has_no_messages() -> None:
+    assert messages_for({**user_insert(), "operationType": "delete"}) == []
+
+
+def test_storable_reprs_only_what_the_serializer_refuses() -> None:
+    oid = ObjectId()
+    value = {"a": Regex("^x", "i"), "b": [1, Code("f()"), {"c": oid}], "d": "text"}
+    result = storable(value)
+    assert result["a"] == repr(Regex("^x", "i"))
+    assert result["b"] == [1, repr(Code("f()")), {"c": oid}]  # ObjectId is registered: kept
+    assert result["d"] == "text"
+
+
+def test_publisher_rejects_only_the_unserializable_message() -> None:
+    app = celery_app("memory://")
+    good, bad = messages_for(user_insert("8201")), messages_for(user_insert("8202", pattern=Regex("^a")))
+    rejected = CeleryPublisher(app).publish([*good, *bad])
+    assert [r.message for r in rejected] == bad
+    assert all("EncodeError" in r.error or "Unserializable" in r.error for r in rejected)
+    assert all(r.traceback for r in rejected)
+
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue("celery")
+        sent = [queue.get(timeout=1) for _ in good]
+        assert queue.qsize() == 0
+        queue.close()
+    assert [m.headers["id"] for m in sent] == [m.task_id for m in good]
+    assert [m.headers["task"] for m in sent] == [m.task_name for m in good]
+    args, kwargs, _embed = sent[0].decode()
+    assert args == [good[0].payload] and kwargs == {}
+
+
+def test_broker_outage_raises_broker_unavailable() -> None:
+    app = celery_app(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    app.conf.broker_connection_timeout = 0.2
+    with pytest.raises(BrokerUnavailable):
+        CeleryPublisher(app).publish(messages_for(user_insert()))
+
+
+def test_empty_batch_does_not_touch_the_broker() -> None:
+    app = celery_app(f"redis://127.0.0.1:{free_port()}/0")
+    assert CeleryPublisher(app).publish([]) == []
+
+
+def test_unpublishable_message_becomes_a_storable_dead_letter() -> None:
+    db = mongomock.MongoClient().db
+    change = user_insert(pattern=Regex("^a"))
+    message = messages_for(change)[0]
+    record_unpublishable(db, Rejected(message, "EncodeError: cannot serialize", "Traceback ...\nEncodeError"))
+    letter = db.changeflow_dead_letters.find_one({"_id": message.task_id})
+    assert letter is not None
+    assert letter["reason"] == "unpublishable"
+    assert letter["task"] == "tasks.send_welcome_email"
+    assert letter["attempts"] == 1
+    assert letter["payload"]["fullDocument"]["pattern"] == repr(Regex("^a"))
+    assert letter["payload"]["fullDocument"]["email"] == "a@example.com"
+    check_serializable(letter["payload"])  # a replay can send the stored payload as it is

@@ -1,0 +1,88 @@
+"""The Celery app: broker, serializer, acks, time limits and events, all from worker.settings.
+
+`celery -A worker worker` and `celery -A worker flower` find `app` here (re-exported by worker/).
+The listener publishes through this same app, so both sides share the serializer and task names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+
+from worker.dedup import reset_dedup_store
+from worker.idempotent import IdempotentTask
+from worker.mongo import reset_db
+from worker.serialization import register_bson_types
+from worker.settings import Settings, SettingsError, get_settings
+
+# A new domain module goes here; a new task in an existing module needs nothing but @task.
+TASK_MODULES = ["tasks.email", "tasks.profiles", "tasks.analytics"]
+
+app = Celery("changeflow", include=TASK_MODULES)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings derived from changeflow's settings."""
+    return {
+        "broker_url": settings.celery_broker_url,
+        "broker_connection_retry_on_startup": True,
+        # Redis redelivers a message not acked within the visibility timeout: it must outlast the
+        # longest task and the longest retry countdown (eta messages wait unacked in the worker).
+        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        # At-least-once: ack after the task ran, requeue when the worker process dies mid-task,
+        # and take one message at a time so a dying worker holds no extra prefetched ones.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_time_limit,
+        # Side effects only, nobody waits for results: no result backend.
+        "task_ignore_result": True,
+        # Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
+
+
+def configure() -> Settings:
+    """(Re)apply get_settings() to the app and drop clients made with older settings.
+
+    Called on import; tests call it again after changing the environment and clearing
+    get_settings' cache.
+    """
+    settings = get_settings()
+    if settings.retry_backoff_max + settings.task_time_limit >= settings.broker_visibility_timeout:
+        raise SettingsError("BROKER_VISIBILITY_TIMEOUT must exceed RETRY_BACKOFF_MAX + TASK_TIME_LIMIT")
+    register_bson_types()
+    app.conf.update(celery_config(settings))
+    app.close()  # pooled broker connections may point at the previous broker
+    reset_db()
+    reset_dedup_store()
+    return settings
+
+
+@worker_process_init.connect
+def _reset_clients_after_fork(**_: object) -> None:
+    # A prefork child must not reuse the parent's MongoDB/Redis sockets.
+    reset_db()
+    reset_dedup_store()
+
+
+def task(fn: Callable[..., Any]) -> Task:
+    """Register `fn` as the changeflow task `tasks.<fn name>`, behind the dedup guard.
+
+    The function takes one positional argument, the change event (trimmed, BSON types intact).
+    """
+    registered: Task = app.task(name=f"tasks.{fn.__name__}", base=IdempotentTask)(fn)
+    return registered
+
+
+configure()

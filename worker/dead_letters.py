@@ -1,0 +1,68 @@
+"""Dead letters: task executions (or events) changeflow gave up on, kept in MongoDB for a replay.
+
+One document per task id in `changeflow_dead_letters`; a repeated failure of the same task id
+updates it (attempts, last_failed_at, error) instead of adding another. A replay is sending the
+task again with the same task id after fixing the cause: the key was not marked done.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo.database import Database
+
+COLLECTION = "changeflow_dead_letters"
+REASONS = frozenset({"permanent", "retries_exhausted", "unpublishable"})
+TRACEBACK_LINES = 20
+
+log = logging.getLogger(__name__)
+
+
+def traceback_summary(traceback: str | None, lines: int = TRACEBACK_LINES) -> str | None:
+    """The last `lines` lines of a formatted traceback: where it failed, without the whole stack."""
+    if not traceback:
+        return None
+    return "\n".join(traceback.rstrip().splitlines()[-lines:])
+
+
+def record_dead_letter(
+    db: Database,
+    *,
+    task_name: str,
+    task_id: str,
+    payload: Mapping[str, Any],
+    error: str,
+    traceback: str | None,
+    attempts: int,
+    reason: str,
+) -> None:
+    """Store (or update) the dead letter of `task_id`, and log it at ERROR.
+
+    reason: "permanent" (retrying cannot help), "retries_exhausted" (a transient error outlasted
+    TASK_MAX_RETRIES), "unpublishable" (the listener could not serialize the event's payload).
+    """
+    if reason not in REASONS:
+        raise ValueError(f"unknown dead-letter reason {reason!r}; expected one of {sorted(REASONS)}")
+    now = datetime.now(UTC)
+    db[COLLECTION].update_one(
+        {"_id": task_id},
+        {
+            "$set": {
+                "task": task_name,
+                "task_id": task_id,
+                "event_id": payload.get("_id"),
+                "payload": dict(payload),
+                "error": error,
+                "reason": reason,
+                "traceback": traceback_summary(traceback),
+                "attempts": attempts,
+                "last_failed_at": now,
+            },
+            "$setOnInsert": {"first_failed_at": now},
+        },
+        upsert=True,
+    )
+    log.error("dead letter %s %s (%s after %d attempt(s)): %s", task_name, task_id, reason, attempts, error)
