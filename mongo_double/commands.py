@@ -605,7 +605,8 @@ def _change_stream_get_more(
 def _lookup(ctx: Context) -> changestreams.Lookup:
     def lookup(db: str, coll: str, key: dict[str, Any]) -> dict[str, Any] | None:
         with ctx.store.lock:
-            return ctx.store.collection(db, coll).find_one(key)
+            c = ctx.store.collection(db, coll)
+            return storage.by_id(c, key["_id"]) if list(key) == ["_id"] else c.find_one(key)
 
     return lookup
 

@@ -195,11 +195,24 @@ def insert(
                 break
             continue
         n += 1
-        stored = c.find_one({"_id": doc["_id"]})
+        stored = by_id(c, doc["_id"])
         records.append(
             ChangeRecord("insert", db, coll, {"_id": doc["_id"]}, full_document=stored, images_enabled=images)
         )
     return n, errors, records
+
+
+def by_id(c: mongomock.Collection, _id: Any) -> dict[str, Any] | None:
+    """The document with this _id: a dict lookup in mongomock's store, where find_one would scan every
+    document (it made inserts O(n))."""
+    try:
+        key = mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
+        doc = c._store[key]
+    except KeyError:
+        return None
+    except Exception:  # mongomock internals changed: take the slow, public path
+        return c.find_one({"_id": _id})
+    return copy.deepcopy(doc)
 
 
 def _dup_detail(view: View, db: str, coll: str, doc: dict[str, Any]) -> DuplicateKey:
@@ -300,7 +313,7 @@ def update_statement(
         else:
             result = c.update_one(query, update_doc, upsert=True, array_filters=array_filters)
         new_id = result.upserted_id
-        stored = c.find_one({"_id": new_id})
+        stored = by_id(c, new_id)
         return (
             0,
             0,
@@ -328,7 +341,7 @@ def update_statement(
             c.replace_one(pinned, update_doc)
         else:
             c.update_one(pinned, update_doc, array_filters=array_filters)
-        after = c.find_one({"_id": before["_id"]})
+        after = by_id(c, before["_id"])
         if after == before and list(after) == list(before):
             continue  # a no-op write: mongod logs no oplog entry, so no event either
         modified += 1
@@ -426,11 +439,11 @@ def find_and_modify(
     }
     if upserted_id is not None:
         leo["upserted"] = upserted_id
-        value = c.find_one({"_id": upserted_id}) if cmd.get("new") else None
+        value = by_id(c, upserted_id) if cmd.get("new") else None
     elif before is None:
         value = None
     else:
-        value = c.find_one({"_id": before["_id"]}) if cmd.get("new") else before
+        value = by_id(c, before["_id"]) if cmd.get("new") else before
     return {"lastErrorObject": leo, "value": _project(value, fields)}, records
 
 
