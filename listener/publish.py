@@ -27,6 +27,7 @@ from kombu.serialization import dumps
 
 from listener.payload import task_payload
 from listener.routes import ROUTES, Route, tasks_for
+from worker.app import app as worker_app
 from worker.dead_letters import record_dead_letter
 from worker.keys import dedup_key
 
@@ -90,13 +91,12 @@ class CeleryPublisher:
     """Publishes through a Celery app (default `worker.app`), one pooled producer per batch.
 
     Celery's own publish retry is off: it would block the stream loop for a long time with the batch
-    half-sent. A failed publish raises at once and the listener backs off and retries the batch.
+    half-sent. A failed publish raises after one connection attempt (bounded by Celery's
+    broker_connection_timeout), and the listener backs off and retries the batch.
     """
 
     def __init__(self, app: Celery | None = None) -> None:
-        if app is None:
-            from worker.app import app  # the shared app: same serializer and broker as the workers
-        self.app = app
+        self.app = app or worker_app  # the shared app: same serializer and broker as the workers
 
     def publish(self, messages: Sequence[Message]) -> list[Rejected]:
         rejected: list[Rejected] = []

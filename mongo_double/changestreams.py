@@ -9,6 +9,7 @@ storage lock, so writers are never held up by an idle listener.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import itertools
 import threading
 import time
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bson import Int64, Timestamp
+from bson import Binary, Int64, Timestamp
 from mongomock.aggregate import process_pipeline
 
 from mongo_double.errors import MongoError
@@ -28,6 +29,7 @@ ALLOWED_STAGES = frozenset(
     {"$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact"}
 )
 INTERNAL_DBS = frozenset({"admin", "config", "local"})
+NO_USER_UID = Binary(hashlib.sha256(b"").digest())
 DEFAULT_AWAIT_MS = 1000  # mongod's awaitData default when getMore carries no maxTimeMS
 
 
@@ -277,6 +279,14 @@ def open_stream(
                 )
             if pos.seq < log.trimmed_seq:
                 raise history_lost()
+            if pos.seq > log.last_seq:
+                # Only a token from another server instance (e.g. before a restart) can be ahead of the log;
+                # resuming from it would silently skip events, so refuse it.
+                raise MongoError(
+                    260,
+                    f"resume token is ahead of this server's change history (event {pos.seq}"
+                    f" > latest {log.last_seq}): it comes from another server instance",
+                )
             seq = pos.seq
         elif "startAtOperationTime" in spec:
             min_ts = spec["startAtOperationTime"]
@@ -425,6 +435,7 @@ def build_event(event: Event, stream: ChangeStream, lookup: Lookup) -> dict[str,
         else:
             doc["fullDocumentBeforeChange"] = None
     if event.lsid is not None:
-        doc["lsid"] = event.lsid
+        # mongod adds uid, the SHA-256 of the (here: no) authenticated user, to the client's lsid.
+        doc["lsid"] = {"id": event.lsid.get("id"), "uid": NO_USER_UID}
         doc["txnNumber"] = event.txn_number
     return doc

@@ -75,7 +75,6 @@ TXN_COMMANDS = frozenset(
         "commitTransaction",
         "abortTransaction",
         "create",
-        "createIndexes",
         "listCollections",
         "listIndexes",
     }

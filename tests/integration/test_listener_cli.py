@@ -11,12 +11,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pymongo
 import pytest
 from pymongo.database import Database
 
 from harness.redis_server import RedisServer
 from listener.checkpoints import CheckpointStore
-from listener.exit_codes import EXIT_OK, EXIT_USAGE
+from listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
 from tests.integration.test_listener import Queue, at_or_after, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,3 +133,33 @@ def test_invalid_settings_exit_with_the_usage_code(env: dict[str, str], processe
     processes.append(process)
     assert process.finish() == EXIT_USAGE
     assert "LISTENER_BATCH_SIZE must be an integer" in process.output
+
+
+def test_checkpoint_older_than_the_oplog_exits_3(
+    env: dict[str, str], redis_server: RedisServer, real_mongodb: bool, processes: list[Process]
+) -> None:
+    if real_mongodb:
+        pytest.skip("needs a MongoDB test server with a tiny oplog")
+    from mongo_double import MongoDouble
+
+    with MongoDouble(port=0, oplog_size=5) as server:
+        client: pymongo.MongoClient = pymongo.MongoClient(server.uri)
+        env = {**env, "MONGODB_URI": server.uri, "MONGODB_DB": "history"}
+        first = Process(env)
+        processes.append(first)
+        first.wait_for_line("listener ready")
+        client.history.users.insert_one({"email": "old@example.com"})
+        Queue(redis_server.url).wait(2)
+        first.popen.terminate()
+        assert first.finish() == EXIT_OK
+        saved = CheckpointStore(client.history).load(STREAM)
+
+        client.history.audit.insert_many([{"n": n} for n in range(20)])  # the oplog rolls past it
+
+        second = Process(env)
+        processes.append(second)
+        assert second.finish() == EXIT_HISTORY_LOST
+        assert "history lost for stream cli-test" in second.output
+        assert "listener ready" not in second.output
+        assert CheckpointStore(client.history).load(STREAM) == saved  # left for a human to decide
+        client.close()

@@ -1,4 +1,4 @@
-"""Helpers for the conformance suite: waiting for change events and configuring fail points.
+"""Fixtures for the conformance suite: fail points and double-only tests.
 
 The suite talks to the server only through pymongo (and raw sockets for framing tests), so it runs
 unchanged against a real MongoDB 7.0 replica set when MONGODB_URI is set.
@@ -6,35 +6,14 @@ unchanged against a real MongoDB 7.0 replica set when MONGODB_URI is set.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pymongo
 import pytest
-from pymongo.change_stream import ChangeStream
 from pymongo.errors import OperationFailure
 
-EVENT_TIMEOUT = 10.0
-
-
-def next_event(stream: ChangeStream, timeout: float = EVENT_TIMEOUT) -> dict[str, Any]:
-    """The next change event, or fail after `timeout` seconds (never hangs a test)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        event = stream.try_next()
-        if event is not None:
-            return event
-    raise AssertionError(f"no change event within {timeout}s")
-
-
-def take_events(stream: ChangeStream, n: int, timeout: float = EVENT_TIMEOUT) -> list[dict[str, Any]]:
-    return [next_event(stream, timeout) for _ in range(n)]
-
-
-def assert_no_event(stream: ChangeStream) -> None:
-    # One try_next() is one getMore that waits maxAwaitTimeMS: enough for an event already written.
-    assert stream.try_next() is None
+from tests.mongo_double.helpers import FailPoint
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +24,6 @@ def test_commands(mongo_client: pymongo.MongoClient) -> bool:
     except OperationFailure:
         return False
     return True
-
-
-FailPoint = Callable[..., dict[str, Any]]
 
 
 @pytest.fixture

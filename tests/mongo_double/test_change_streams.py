@@ -5,21 +5,25 @@ from __future__ import annotations
 import datetime
 import threading
 import time
+from typing import Any
 
 import pymongo
 import pytest
 from bson import Timestamp
+from pymongo.change_stream import ChangeStream
+from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import OperationFailure
 
-from tests.mongo_double.conftest import assert_no_event, next_event, take_events
+from tests.mongo_double.helpers import assert_no_event, next_event, take_events
 
 AWAIT_MS = 200  # short awaits keep the suite fast; a getMore that finds events returns at once
 
 BASE = {"_id", "operationType", "clusterTime", "wallTime", "ns"}
 
 
-def watch(target, **kwargs):  # type: ignore[no-untyped-def]
+def watch(target: pymongo.MongoClient | Database | Collection, **kwargs: Any) -> ChangeStream:
+    """watch() with a short await, so a try_next() that finds nothing returns quickly."""
     kwargs.setdefault("max_await_time_ms", AWAIT_MS)
     return target.watch(**kwargs)
 
@@ -110,6 +114,11 @@ def test_replace_root_keeps_token(db: Database) -> None:
         db.c.insert_one({"_id": 1})
         event = next_event(stream)
     assert event["doc"] == {"_id": 1} and "_data" in event["_id"]
+    pipeline = [{"$replaceWith": {"_id": "$_id", "op": "$operationType"}}]
+    with watch(db.c, pipeline=pipeline) as stream:
+        db.c.delete_one({"_id": 1})
+        event = next_event(stream)
+    assert set(event) == {"_id", "op"} and event["op"] == "delete"
 
 
 def test_stage_not_allowed_in_change_stream(db: Database) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,16 +17,18 @@ import pymongo
 import pytest
 from pymongo.errors import OperationFailure
 
-from tests.mongo_double.conftest import assert_no_event, next_event, take_events
+from tests.mongo_double.helpers import assert_no_event, next_event, take_events
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class Double:
     def __init__(self, *args: str) -> None:
+        if "--port" not in args:
+            args = ("--port", "0", *args)
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mongo_double", "--port", "0", *args],
+            [sys.executable, "-m", "mongo_double", *args],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -68,6 +71,18 @@ def test_cli_ready_line_and_sigterm() -> None:
     assert double.client.t.c.find_one() == {"_id": 1}
     assert double.stop(signal.SIGTERM) == 0
     assert double.proc.stdout is not None and double.proc.stdout.read() == ""  # exactly one line
+
+
+def test_cli_explicit_host_and_port() -> None:
+    with socket.socket() as probe:  # a port that is free right now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    double = Double("--host", "127.0.0.1", "--port", str(port))
+    try:
+        assert double.ready_line == f"ready mongodb://127.0.0.1:{port}/?replicaSet=rs0"
+        assert double.client.admin.command("hello")["hosts"] == [f"127.0.0.1:{port}"]
+    finally:
+        assert double.stop() == 0
 
 
 def test_cli_sigint_exits_zero() -> None:
@@ -137,7 +152,6 @@ def test_idle_token_on_empty_server_resumes(small_oplog: Double) -> None:
 
 
 def test_malformed_message_is_logged(small_oplog: Double) -> None:
-    import socket
     import struct
 
     host, port = small_oplog.client.address or ("127.0.0.1", 0)

@@ -331,6 +331,10 @@ def test_unknown_stage_is_named(db: Database) -> None:
     with pytest.raises(OperationFailure) as info:
         list(db.s.aggregate([{"$noSuchStage": {}}]))
     assert "$noSuchStage" in str(info.value)
+    try:  # a valid stage the double may not implement: then the error must name it
+        list(db.s.aggregate([{"$bucketAuto": {"groupBy": "$x", "buckets": 1}}]))
+    except OperationFailure as err:
+        assert "$bucketAuto" in str(err)
 
 
 def test_unknown_query_operator_is_named(db: Database) -> None:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 import pymongo
 import pytest
 from pymongo.database import Database
 from pymongo.errors import AutoReconnect, NotPrimaryError, OperationFailure
 
-from tests.mongo_double.conftest import FailPoint, assert_no_event, take_events
+from tests.mongo_double.helpers import FailPoint, assert_no_event, take_events
 
 pytestmark = [pytest.mark.faults, pytest.mark.needs_test_commands]
 
@@ -107,7 +108,7 @@ def test_write_error_label_on_retryable_write(mongodb_uri: str, db: Database, fa
     assert db.c.count_documents({}) == 1
 
 
-def _resume_without_loss(db: Database, configure: callable) -> None:  # type: ignore[valid-type]
+def _resume_without_loss(db: Database, configure: Callable[[], object]) -> None:
     with db.c.watch(max_await_time_ms=200) as stream:
         db.c.insert_many([{"_id": i} for i in range(3)])
         first = take_events(stream, 3)
