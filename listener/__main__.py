@@ -58,6 +58,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "dead-letters":
+        from listener import dead_letters
+
+        return dead_letters.main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level,

@@ -27,16 +27,22 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from bson.timestamp import Timestamp
 from pymongo.change_stream import ChangeStream
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from listener.backoff import Backoff
-from listener.checkpoints import CheckpointStore, ResumeToken
+from listener.checkpoints import CheckpointStore, FencedOut, ResumeToken
 from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK
+from listener.gaps import COLLECTION as GAPS_COLLECTION
+from listener.gaps import GapStore
+from listener.health import HealthFile
+from listener.lease import Lease, LeaseLost, server_clock
 from listener.publish import (
     BrokerUnavailable,
     Message,
@@ -51,6 +57,7 @@ from worker.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 HISTORY_LOST = 286  # ChangeStreamHistoryLost
+HISTORY_LOST_MODES = ("fail", "resume-now")
 # Server errors after which reopening the stream is expected to work: the change streams spec's
 # resumable codes (for servers that do not label them), CursorNotFound, and WriteConcernFailed (64)
 # for the checkpoint and dead-letter writes.
@@ -82,6 +89,7 @@ class Batch:
     events: int
     messages: list[Message]
     token: ResumeToken | None  # the checkpoint once the batch is delivered
+    time: datetime | None = None  # the time of that position (the last event's wallTime)
     rejected: list[Rejected] = field(default_factory=list)
 
 
@@ -98,7 +106,10 @@ class Listener:
 
     Collaborators are passed in so tests can drive the loop: the database to watch (`db`), the
     `publisher`, the `checkpoints` store, the `routes`, the `settings`, and `dead_letter`, called for
-    each message the serializer refused.
+    each message the serializer refused. Optional: `lease` (failover: only the lease holder runs,
+    checkpoint saves are fenced with its epoch), `health` (the heartbeat file), `gaps` (where lost
+    history is recorded; default `changeflow_gaps` in `db`), `on_history_lost` ("fail" or
+    "resume-now"; default LISTENER_ON_HISTORY_LOST).
     """
 
     def __init__(
@@ -113,10 +124,17 @@ class Listener:
         backoff: Backoff | None = None,
         idle_checkpoint_seconds: float = 5.0,
         summary_seconds: float = 60.0,
+        lease: Lease | None = None,
+        health: HealthFile | None = None,
+        gaps: GapStore | None = None,
+        on_history_lost: str | None = None,
     ) -> None:
         settings = settings or get_settings()
         if settings.listener_batch_size < 1:
             raise ValueError("LISTENER_BATCH_SIZE must be at least 1")
+        on_history_lost = on_history_lost or settings.listener_on_history_lost
+        if on_history_lost not in HISTORY_LOST_MODES:
+            raise ValueError(f"on_history_lost must be one of {HISTORY_LOST_MODES}, got {on_history_lost!r}")
         self.db = db
         self.publisher = publisher
         self.checkpoints = checkpoints or CheckpointStore(db)
@@ -126,19 +144,28 @@ class Listener:
         self.backoff = backoff or Backoff()
         self.idle_checkpoint_seconds = idle_checkpoint_seconds
         self.summary_seconds = summary_seconds
+        self.lease = lease
+        self.health = health
+        self.gaps = gaps
+        self.on_history_lost = on_history_lost
         self.stream_name = self.settings.listener_stream_name
         self.pipeline = [{"$match": compile_match(self.routes)}]  # fails early on an empty route table
         self.stats = Stats()
-        # Set once the first stream is open (and a starting checkpoint saved): from then on, every
-        # change is delivered.
+        # Set while the stream is open (and a starting checkpoint saved) in the active role: from
+        # then on, every change is delivered. Cleared when a lease is lost.
         self.ready = threading.Event()
         self._stopping = threading.Event()
-        # Where to reopen the stream: after every event that is delivered or held in _pending.
+        # Where to reopen the stream: after every event that is delivered or held in _pending; and
+        # the time of that position (None when unknown).
         self._position: ResumeToken | None = None
+        self._position_time: datetime | None = None
+        self._time_source = "position_time"
         self._pending: Batch | None = None
         self._saved: ResumeToken | None = None
         self._saved_at = 0.0
         self._summary_at = 0.0
+        self._open_gap: str | None = None  # a gap whose end is the next opened stream's start
+        self._standby_seen: tuple[str, int] | None = None
 
     def stop(self) -> None:
         """Finish the batch in flight (publish + checkpoint), then make run() return. Signal-safe."""
@@ -148,30 +175,114 @@ class Listener:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def role(self) -> str:
+        if self.lease is not None and not self.lease.held:
+            return "standby"
+        return "active" if self.ready.is_set() else "starting"
+
     def run(self) -> int:
-        """Follow the stream until stop() or a fatal error; returns the process exit code."""
+        """Follow the stream until stop() or a fatal error; returns the process exit code.
+
+        With a lease: wait as a standby until the lease is free, run while holding it, and go back
+        to standby when it is lost (another listener took over, or a checkpoint save was fenced out).
+        """
         self._summary_at = time.monotonic()
+        self._beat()
+        try:
+            while not self.stopping:
+                if self.lease is not None and not self.lease.held and not self._try_become_active():
+                    continue
+                try:
+                    return self._run_active()
+                except (LeaseLost, FencedOut) as exc:
+                    self._step_down(exc)
+            log.info("listener stopped (was %s)", self.role)
+            return EXIT_OK
+        finally:
+            self._release()
+
+    # -- roles ------------------------------------------------------------------------------------
+    def _try_become_active(self) -> bool:
+        assert self.lease is not None
+        try:
+            acquired = self.lease.try_acquire()
+        except PyMongoError as exc:
+            self._wait(exc, "MongoDB error while acquiring the lease of stream %s", self.stream_name)
+            return False
+        if acquired:
+            self._standby_seen = None
+            lease = self.lease
+            log.info("active for stream %s (epoch %d, owner %s)", self.stream_name, lease.epoch, lease.owner)
+            self._beat()
+            return True
+        holder = self.lease.holder
+        seen = (holder.owner, holder.epoch) if holder else ("?", 0)
+        if seen != self._standby_seen:
+            self._standby_seen = seen
+            log.info(
+                "listener standby: stream %s is held by %s (epoch %d, lease expires %s); polling every %.1fs",
+                self.stream_name, seen[0], seen[1],
+                holder.expires_at.isoformat() if holder and holder.expires_at else "?",
+                self.lease.poll_seconds,
+            )  # fmt: skip
+        self._beat()
+        self._stopping.wait(self.lease.poll_seconds)
+        return False
+
+    def _step_down(self, exc: Exception) -> None:
+        log.error(
+            "%s on stream %s: %s; stopped publishing, going back to standby",
+            "fenced out" if isinstance(exc, FencedOut) else "lease lost", self.stream_name, exc,
+        )  # fmt: skip
+        if self.lease is not None:
+            self.lease.forget()
+        # Unpublished events stay behind the checkpoint: the new leader reads them again.
+        self._pending = None
+        self.ready.clear()
+        self._beat()
+
+    def _release(self) -> None:
+        if self.lease is not None and self.lease.held:
+            try:
+                self.lease.release()
+            except PyMongoError as exc:  # it expires on its own after the TTL
+                log.warning("could not release the lease of stream %s: %s", self.stream_name, exc)
+        self.ready.clear()
+        if self.health is not None:
+            self.health.heartbeat("stopped")
+
+    def _keep_lease(self) -> None:
+        """Renew the lease when due; LeaseLost when another listener holds it now."""
+        if self.lease is not None:
+            self.lease.renew_if_due()
+
+    def _beat(self) -> None:
+        if self.health is not None:
+            self.health.heartbeat(self.role, self.lease.epoch if self.lease is not None else None)
+
+    # -- the active role --------------------------------------------------------------------------
+    def _run_active(self) -> int:
         loaded = False
         while not self.stopping:
             try:
+                self._keep_lease()  # before anything is published: a stalled process finds out here
                 if not loaded:  # inside the loop: MongoDB may be unreachable at start, too
                     self._load_checkpoint()
                     loaded = True
                 self._deliver_pending()  # a batch left over from a broker outage goes first
+                opening = datetime.now(UTC)
                 with self._open() as stream:
-                    self._on_open(stream)
+                    self._on_open(stream, opening)
                     self._follow(stream)
             except BrokerUnavailable as exc:
                 self._wait(exc, "broker unavailable, holding %d unpublished tasks", self._pending_tasks())
             except PyMongoError as exc:
                 if isinstance(exc, OperationFailure) and exc.code == HISTORY_LOST:
-                    log.error(
-                        "change stream history lost for stream %s: checkpoint %s is no longer in the oplog; "
-                        "events since then were NOT delivered. Exiting with code %d; recover deliberately "
-                        "(re-sync from the data, or delete the checkpoint to start now). Error: %s",
-                        self.stream_name, _show(self._position), EXIT_HISTORY_LOST, exc,
-                    )  # fmt: skip
-                    return EXIT_HISTORY_LOST
+                    code = self._history_lost(exc)
+                    if code is not None:
+                        return code
+                    continue
                 if not is_resumable(exc):
                     log.error("non-resumable MongoDB error on stream %s, exiting: %r", self.stream_name, exc)
                     return EXIT_FATAL
@@ -179,7 +290,18 @@ class Listener:
         return self._finish() if loaded else EXIT_OK
 
     def _load_checkpoint(self) -> None:
-        self._saved = self._position = self.checkpoints.load(self.stream_name)
+        if self.lease is not None and self.lease.epoch is not None:
+            # From now on a former leader's saves are refused (FencedOut), before we read the position.
+            self.checkpoints.claim(self.stream_name, self.lease.epoch)
+        record = self.checkpoints.load_record(self.stream_name)
+        self._saved = self._position = record.token if record is not None else None
+        self._saved_at = time.monotonic()  # the loaded checkpoint counts as just saved
+        self._position_time, self._time_source = None, "position_time"
+        if record is not None and record.token is not None:
+            if record.position_time is not None:
+                self._position_time = record.position_time
+            else:  # a checkpoint from before position_time existed: later than the real position
+                self._position_time, self._time_source = record.updated_at, "updated_at"
         self.stats.checkpoint = self._saved
         if self._saved is None:
             log.info("no checkpoint for stream %s: starting now", self.stream_name)
@@ -195,35 +317,53 @@ class Listener:
             batch_size=self.settings.listener_batch_size,
         )
 
-    def _on_open(self, stream: ChangeStream[Any]) -> None:
-        self._advance(stream.resume_token)
+    def _on_open(self, stream: ChangeStream[Any], opening: datetime) -> None:
+        if self._open_gap is not None:
+            # Resumed from now after lost history: the gap ends where this stream starts.
+            self._gap_store().resumed(self._open_gap, self._server_now(), stream.resume_token)
+            log.warning(
+                "gap %s on stream %s ends at %s: the stream continues from there",
+                self._open_gap, self.stream_name, _show(stream.resume_token),
+            )  # fmt: skip
+            self._open_gap = None
+        if self._position is None:
+            self._advance(stream.resume_token, opening)  # "now" is no earlier than the moment we asked
+        else:
+            self._advance(stream.resume_token, self._position_time)
         if self._saved is None:
             # First start ever: make "now" durable at once, so a crash before the first event still
             # resumes here instead of at a later "now".
-            self._checkpoint(self._position)
+            self._checkpoint(self._position, self._position_time)
         if not self.ready.is_set():
             self.ready.set()
+            self._beat()
             log.info("listener ready: watching database %s (stream %s)", self.db.name, self.stream_name)
 
     def _follow(self, stream: ChangeStream[Any]) -> None:
         """Batches until stop() or until the stream closes (invalidate): the caller reopens it."""
         while not self.stopping:
+            started = datetime.now(UTC)
             events, token = self._collect(stream)
+            self._beat()  # a getMore returned: the loop is alive
+            self._keep_lease()
             if events:
-                self._pending = Batch(len(events), self._messages(events), token)
-                self._advance(token)
+                self._pending = Batch(len(events), self._messages(events), token, _event_time(events[-1]))
+                self._advance(token, self._pending.time or started)
                 self._deliver_pending()
             else:
-                self._advance(token)
+                # An idle token is the position when the getMore returned, so no earlier than `started`.
+                self._advance(token, started if token != self._position else self._position_time)
                 self._idle_checkpoint()
             self.backoff.reset()  # a full turn worked: the next failure starts with a short wait
             self._maybe_summary()
             if not stream.alive:
-                # Only an invalidation closes a change stream without an error.
+                # Only an invalidation closes a change stream without an error. The stream watches the
+                # database, so only dropDatabase invalidates it; startAfter the invalidate token
+                # follows the database's new life.
                 log.warning(
-                    "change stream invalidated (database %s dropped?): reopening after the invalidation",
-                    self.db.name,
-                )
+                    "change stream invalidated (database %s dropped?): reopening with startAfter %s",
+                    self.db.name, _show(self._position),
+                )  # fmt: skip
                 return
 
     def _collect(self, stream: ChangeStream[Any]) -> tuple[list[Mapping[str, Any]], ResumeToken | None]:
@@ -260,6 +400,7 @@ class Listener:
         if batch is None:
             return
         if batch.messages:
+            self._keep_lease()  # never publish on a lease not confirmed within the renew interval
             rejected = self.publisher.publish(batch.messages)  # raises BrokerUnavailable
             published = len(batch.messages) - len(rejected)
             self.stats.tasks += published
@@ -271,30 +412,103 @@ class Listener:
             self.dead_letter(batch.rejected[0])
             batch.rejected.pop(0)
             self.stats.dead_letters += 1
-        self._checkpoint(batch.token)
+        self._checkpoint(batch.token, batch.time)
         self._pending = None
 
-    def _advance(self, token: ResumeToken | None) -> None:
+    def _advance(self, token: ResumeToken | None, when: datetime | None) -> None:
         if token is not None:
+            if token != self._position:
+                self._time_source = "position_time"
             self._position = token
+            self._position_time = when
 
-    def _checkpoint(self, token: ResumeToken | None) -> None:
+    def _checkpoint(self, token: ResumeToken | None, when: datetime | None = None) -> None:
         if token is None or token == self._saved:
             return
-        self.checkpoints.save(self.stream_name, token)
+        epoch = self.lease.epoch if self.lease is not None else None
+        if epoch is None and self.lease is not None:
+            raise LeaseLost(f"lease of stream {self.stream_name} is not held: checkpoint not saved")
+        self.checkpoints.save(self.stream_name, token, epoch=epoch, position_time=when)  # FencedOut
         self._saved, self._saved_at = token, time.monotonic()
         self.stats.checkpoint = token
+        if self.health is not None:
+            self.health.progress()
 
     def _idle_checkpoint(self) -> None:
         # An idle stream's token still advances (postBatchResumeToken). Saving it now and then keeps
         # the checkpoint inside the oplog window on quiet streams, without a write per empty getMore.
         if time.monotonic() - self._saved_at >= self.idle_checkpoint_seconds:
-            self._checkpoint(self._position)
+            self._checkpoint(self._position, self._position_time)
 
+    # -- lost history -----------------------------------------------------------------------------
+    def _gap_store(self) -> GapStore:
+        if self.gaps is None:
+            self.gaps = GapStore(self.db)
+        return self.gaps
+
+    def _server_now(self) -> datetime:
+        try:
+            return (self.lease.clock if self.lease is not None else server_clock(self.db))()
+        except Exception:  # only a time for a record: the local clock will do
+            return datetime.now(UTC)
+
+    def _history_lost(self, exc: OperationFailure) -> int | None:
+        """Record the gap; then exit (fail) or continue from now (resume-now, returns None)."""
+        from_token, from_time = self._position, self._position_time
+        to_time = self._server_now()
+        span = f"from {_show(from_token)} ({_iso(from_time)}, {self._time_source}) to {_iso(to_time)}"
+        try:
+            gap: str | None = self._gap_store().record(
+                self.stream_name, from_token, from_time, to_time, time_source=self._time_source
+            )
+        except PyMongoError as record_error:
+            if self.on_history_lost == "resume-now":  # never continue without the record
+                self._wait(record_error, "could not record the lost history of stream %s", self.stream_name)
+                return None
+            gap = None
+            log.error("could not record the gap in %s: %s", GAPS_COLLECTION, record_error)
+        except Exception as record_error:  # exiting anyway: say so and go on
+            if self.on_history_lost == "resume-now":
+                raise
+            gap = None
+            log.error("could not record the gap in %s: %r", GAPS_COLLECTION, record_error)
+        if self.on_history_lost == "fail":
+            log.error(
+                "change stream history lost for stream %s: checkpoint %s is no longer in the oplog; "
+                "events %s were NOT delivered. Gap %s recorded in %s. Exiting with code %d; recover "
+                "deliberately: restart with --on-history-lost=resume-now, then "
+                "`python -m listener reconcile --gap %s`. Error: %s",
+                self.stream_name, _show(from_token), span, gap, GAPS_COLLECTION, EXIT_HISTORY_LOST, gap, exc,
+            )  # fmt: skip
+            return EXIT_HISTORY_LOST
+        log.warning(
+            "change stream history lost for stream %s: gap %s (events %s) NOT delivered; resuming from "
+            "now (--on-history-lost=resume-now). Recover what can be recovered with "
+            "`python -m listener reconcile --gap %s`. Error: %s",
+            self.stream_name, gap, span, gap, exc,
+        )  # fmt: skip
+        self._open_gap = gap
+        self._position = self._position_time = None
+        self._saved = None  # _on_open saves the new start at once
+        return None
+
+    # -- waiting, stopping, summaries ---------------------------------------------------------------
     def _wait(self, exc: Exception, what: str, *args: Any) -> None:
         delay = self.backoff.next_delay()
         log.warning(what + "; retrying in %.1fs: %s", *args, delay, exc)
-        self._stopping.wait(delay)  # stop() cuts the wait short
+        deadline = time.monotonic() + delay
+        while not self.stopping:  # stop() cuts the wait short
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self.lease is None or not self.lease.held:
+                self._stopping.wait(remaining)
+                continue
+            self._stopping.wait(min(remaining, self.lease.renew_seconds / 2))
+            try:  # the loop is retrying, not stuck: keep the lease (LeaseLost propagates)
+                self._keep_lease()
+            except PyMongoError as renew_error:
+                log.debug("could not renew the lease of stream %s: %s", self.stream_name, renew_error)
 
     def _pending_tasks(self) -> int:
         return 0 if self._pending is None else len(self._pending.messages)
@@ -308,8 +522,8 @@ class Listener:
             )
         else:
             try:
-                self._checkpoint(self._position)
-            except PyMongoError as exc:  # an older checkpoint only means re-reading a few events
+                self._checkpoint(self._position, self._position_time)
+            except (PyMongoError, FencedOut, LeaseLost) as exc:  # an older checkpoint: a few events re-read
                 log.warning("could not save the final checkpoint: %s", exc)
         self._summary()
         log.info("listener stopped")
@@ -326,6 +540,21 @@ class Listener:
             self.stream_name, self.stats.events, self.stats.tasks, self.stats.dead_letters,
             _show(self.stats.checkpoint),
         )  # fmt: skip
+
+
+def _event_time(event: Mapping[str, Any]) -> datetime | None:
+    """When the event happened: its wallTime, else its clusterTime."""
+    wall = event.get("wallTime")
+    if isinstance(wall, datetime):
+        return wall if wall.tzinfo else wall.replace(tzinfo=UTC)
+    cluster = event.get("clusterTime")
+    if isinstance(cluster, Timestamp):
+        return cluster.as_datetime()
+    return None
+
+
+def _iso(value: datetime | None) -> str:
+    return value.isoformat() if value is not None else "unknown time"
 
 
 def _show(token: Any) -> str:

@@ -7,7 +7,6 @@ Handlers take (ctx, conn, cmd, db, txn) and return the reply fields; errors are 
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import sys
 import time
@@ -34,7 +33,8 @@ from mongo_double.failpoints import FailPoints
 from mongo_double.storage import ChangeRecord, Store
 from mongo_double.transactions import Transaction, Transactions
 
-log = logging.getLogger("mongo_double")
+Command = dict[str, Any]  # a command document as received (first key: the command name)
+Reply = dict[str, Any]  # reply fields; dispatch() adds ok, operationTime and $clusterTime
 
 SET_NAME = "rs0"
 MAX_WIRE_VERSION = 21  # MongoDB 7.0
@@ -188,7 +188,7 @@ def _fire_fail_point(data: dict[str, Any], name: str, cmd: dict[str, Any]) -> di
     return data.get("writeConcernError")
 
 
-def _error_labels(name: str, cmd: dict[str, Any], err: MongoError, txn: Transaction | None) -> list[str]:
+def _error_labels(name: str, cmd: Command, err: MongoError, txn: Transaction | None) -> list[str]:
     """Labels as mongod adds them (errorLabels from a fail point replace these)."""
     labels = list(err.labels)
     if err.code in NON_RESUMABLE_CHANGE_STREAM_CODES and "NonResumableChangeStreamError" not in labels:
@@ -225,10 +225,18 @@ def _view(ctx: Context, txn: Transaction | None) -> storage.View:
     return txn.view if txn is not None else ctx.store
 
 
-def _coll_name(cmd: dict[str, Any], name: str) -> str:
+def _coll_name(cmd: Command, name: str) -> str:
     value = cmd.get(name)
     if not isinstance(value, str) or not value:
         raise MongoError(73, f"collection name has invalid type {type(value).__name__}")
+    return value
+
+
+def _doc_list(cmd: Command, field: str) -> list[dict[str, Any]]:
+    """A command's array of documents (documents, updates, deletes), type-checked like mongod does."""
+    value = cmd.get(field) or []
+    if not isinstance(value, list) or not all(isinstance(d, dict) for d in value):
+        raise MongoError(14, f"BSON field '{next(iter(cmd))}.{field}' must be an array of objects")
     return value
 
 
@@ -252,7 +260,7 @@ def _run_write(
 
 
 @command("hello", "ismaster", "isMaster")
-def cmd_hello(ctx: Context, conn: Connection, cmd: dict[str, Any], db: str, txn: Transaction | None) -> dict:
+def cmd_hello(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     client = cmd.get("client")
     if isinstance(client, dict):
         conn.app_name = (client.get("application") or {}).get("name")
@@ -296,12 +304,12 @@ def cmd_hello(ctx: Context, conn: Connection, cmd: dict[str, Any], db: str, txn:
 
 
 @command("ping")
-def cmd_ping(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_ping(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     return {}
 
 
 @command("buildInfo", "buildinfo")
-def cmd_build_info(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_build_info(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     return {
         "version": VERSION,
         "versionArray": [7, 0, 0, 0],
@@ -316,7 +324,9 @@ def cmd_build_info(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Tran
 
 
 @command("getParameter")
-def cmd_get_parameter(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_get_parameter(
+    ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
+) -> Reply:
     params: dict[str, Any] = {
         "enableTestCommands": True,
         "featureCompatibilityVersion": {"version": "7.0"},
@@ -330,8 +340,8 @@ def cmd_get_parameter(ctx: Context, conn: Connection, cmd: dict, db: str, txn: T
 
 @command("getCmdLineOpts")
 def cmd_get_cmd_line_opts(
-    ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None
-) -> dict:
+    ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
+) -> Reply:
     return {
         "argv": ctx.argv,
         "parsed": {
@@ -343,7 +353,9 @@ def cmd_get_cmd_line_opts(
 
 
 @command("serverStatus")
-def cmd_server_status(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_server_status(
+    ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
+) -> Reply:
     return {
         "host": ctx.host_port,
         "version": VERSION,
@@ -357,7 +369,7 @@ def cmd_server_status(ctx: Context, conn: Connection, cmd: dict, db: str, txn: T
 
 
 @command("replSetGetStatus")
-def cmd_repl_status(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_repl_status(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     return {
         "set": SET_NAME,
         "myState": 1,
@@ -369,18 +381,18 @@ def cmd_repl_status(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Tra
 
 @command("connectionStatus")
 def cmd_connection_status(
-    ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None
-) -> dict:
+    ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
+) -> Reply:
     return {"authInfo": {"authenticatedUsers": [], "authenticatedUserRoles": []}}
 
 
 @command("whatsmyuri")
-def cmd_whatsmyuri(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_whatsmyuri(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     return {"you": conn.peer}
 
 
 @command("endSessions", "killAllSessions", "killSessions", "refreshSessions")
-def cmd_end_sessions(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_end_sessions(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     name = next(iter(cmd))
     if name in ("endSessions", "killSessions") and isinstance(cmd[name], list):
         ctx.txns.end_sessions([s for s in cmd[name] if isinstance(s, dict)])
@@ -389,8 +401,8 @@ def cmd_end_sessions(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Tr
 
 @command("configureFailPoint")
 def cmd_configure_fail_point(
-    ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None
-) -> dict:
+    ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
+) -> Reply:
     if db != "admin":
         raise MongoError(13, "configureFailPoint may only be run against the admin database.")
     return ctx.failpoints.configure(cmd)
@@ -401,7 +413,7 @@ def cmd_configure_fail_point(
 
 
 @command("commitTransaction")
-def cmd_commit(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_commit(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     if txn is None:
         raise MongoError(50768, "commitTransaction must be run within a transaction")
     ctx.txns.commit(txn)
@@ -409,7 +421,7 @@ def cmd_commit(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transact
 
 
 @command("abortTransaction")
-def cmd_abort(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_abort(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     if txn is None:
         raise MongoError(50768, "abortTransaction must be run within a transaction")
     if txn.state == "committed":
@@ -425,9 +437,9 @@ def cmd_abort(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transacti
 
 
 @command("insert")
-def cmd_insert(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_insert(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "insert")
-    docs = list(cmd.get("documents") or [])
+    docs = list(_doc_list(cmd, "documents"))
     for i, doc in enumerate(docs):
         if isinstance(doc, dict) and "_id" not in doc:
             docs[i] = {"_id": ObjectId(), **doc}  # fixed here so a transaction's replay keeps the same _id
@@ -456,9 +468,9 @@ def _first_write_error(reply: dict[str, Any]) -> MongoError:
 
 
 @command("update")
-def cmd_update(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_update(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "update")
-    statements = [dict(s) for s in cmd.get("updates") or []]
+    statements = [dict(s) for s in _doc_list(cmd, "updates")]
     ordered = cmd.get("ordered", True)
     reply = _run_write(ctx, txn, lambda view: storage.update(view, db, coll, statements, ordered))
     if txn is not None:
@@ -485,9 +497,9 @@ def _pin_upsert(stmt: dict[str, Any], update_key: str, query_key: str, new_id: A
 
 
 @command("delete")
-def cmd_delete(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_delete(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "delete")
-    statements = list(cmd.get("deletes") or [])
+    statements = list(_doc_list(cmd, "deletes"))
     ordered = cmd.get("ordered", True)
 
     def run(view: storage.View) -> tuple[dict, list[ChangeRecord]]:
@@ -506,7 +518,9 @@ def cmd_delete(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transact
 
 
 @command("findAndModify", "findandmodify")
-def cmd_find_and_modify(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_find_and_modify(
+    ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
+) -> Reply:
     coll = _coll_name(cmd, next(iter(cmd)))
     ns = f"{db}.{coll}"
 
@@ -539,7 +553,7 @@ def _read(ctx: Context, txn: Transaction | None, fn: Callable[[storage.View], An
 
 
 @command("find")
-def cmd_find(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_find(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "find")
     for option in ("let", "max", "min", "returnKey", "showRecordId", "tailable", "awaitData"):
         if cmd.get(option):
@@ -551,8 +565,10 @@ def cmd_find(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transactio
 
 
 @command("getMore")
-def cmd_get_more(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
-    cursor_id = int(cmd["getMore"])
+def cmd_get_more(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
+    cursor_id = cmd["getMore"]
+    if not isinstance(cursor_id, int) or isinstance(cursor_id, bool):
+        raise MongoError(14, "BSON field 'getMore.getMore' is the wrong type, expected type 'long'")
     cursor = ctx.cursors.get(cursor_id)
     if cursor is None:
         raise MongoError(43, f"cursor id {cursor_id} not found")
@@ -568,8 +584,8 @@ def cmd_get_more(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transa
 
 
 def _change_stream_get_more(
-    ctx: Context, conn: Connection, cmd: dict, stream: ChangeStream, batch_size: int | None
-) -> dict:
+    ctx: Context, conn: Connection, cmd: Command, stream: ChangeStream, batch_size: int | None
+) -> Reply:
     data = ctx.failpoints.check(
         "failGetMoreAfterCursorCheckout", "getMore", conn.app_name, stream.db, stream.coll
     )
@@ -611,7 +627,7 @@ def _lookup(ctx: Context) -> changestreams.Lookup:
 
 
 @command("killCursors")
-def cmd_kill_cursors(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_kill_cursors(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     killed, missing = [], []
     for cursor_id in cmd.get("cursors") or []:
         (killed if ctx.cursors.remove(int(cursor_id)) else missing).append(Int64(cursor_id))
@@ -619,7 +635,7 @@ def cmd_kill_cursors(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Tr
 
 
 @command("count")
-def cmd_count(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_count(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "count")
     find_cmd = {"filter": cmd.get("query") or {}, "skip": cmd.get("skip"), "limit": cmd.get("limit")}
     docs = _read(
@@ -629,7 +645,7 @@ def cmd_count(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transacti
 
 
 @command("distinct")
-def cmd_distinct(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_distinct(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "distinct")
     key = cmd.get("key")
     if not isinstance(key, str):
@@ -641,7 +657,7 @@ def cmd_distinct(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transa
 
 
 @command("aggregate")
-def cmd_aggregate(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_aggregate(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     target = cmd["aggregate"]
     pipeline = cmd.get("pipeline")
     if not isinstance(pipeline, list):
@@ -696,7 +712,7 @@ def cmd_aggregate(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Trans
 
 
 @command("create")
-def cmd_create(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_create(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "create")
     unsupported = set(cmd) - {"create", "changeStreamPreAndPostImages", *ENVELOPE}
     if unsupported:
@@ -720,7 +736,7 @@ def cmd_create(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transact
 
 
 @command("drop")
-def cmd_drop(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_drop(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "drop")
     with ctx.store.lock:
         if not ctx.store.exists(db, coll):
@@ -733,7 +749,9 @@ def cmd_drop(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transactio
 
 
 @command("dropDatabase")
-def cmd_drop_database(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_drop_database(
+    ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
+) -> Reply:
     with ctx.store.lock:
         names = ctx.store.collection_names(db)
         records = [ChangeRecord("drop", db, name) for name in names]
@@ -747,7 +765,7 @@ def cmd_drop_database(ctx: Context, conn: Connection, cmd: dict, db: str, txn: T
 
 
 @command("renameCollection")
-def cmd_rename(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_rename(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     if db != "admin":
         raise MongoError(13, "renameCollection may only be run against the admin database.")
     source, target = cmd.get("renameCollection"), cmd.get("to")
@@ -777,7 +795,7 @@ def cmd_rename(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transact
 
 
 @command("collMod")
-def cmd_coll_mod(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_coll_mod(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "collMod")
     unsupported = set(cmd) - {"collMod", "changeStreamPreAndPostImages", *ENVELOPE}
     if unsupported:
@@ -798,7 +816,9 @@ def cmd_coll_mod(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transa
 
 
 @command("listCollections")
-def cmd_list_collections(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_list_collections(
+    ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
+) -> Reply:
     docs = []
     with ctx.store.lock:
         for name in sorted(ctx.store.collection_names(db)):
@@ -821,7 +841,9 @@ def cmd_list_collections(ctx: Context, conn: Connection, cmd: dict, db: str, txn
 
 
 @command("listDatabases")
-def cmd_list_databases(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_list_databases(
+    ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
+) -> Reply:
     with ctx.store.lock:
         names = sorted(ctx.store.database_names())
     docs = [{"name": n, "sizeOnDisk": Int64(0), "empty": False} for n in names]
@@ -832,7 +854,9 @@ def cmd_list_databases(ctx: Context, conn: Connection, cmd: dict, db: str, txn: 
 
 
 @command("createIndexes")
-def cmd_create_indexes(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_create_indexes(
+    ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
+) -> Reply:
     coll = _coll_name(cmd, "createIndexes")
     specs = cmd.get("indexes")
     if not isinstance(specs, list) or not specs:
@@ -885,7 +909,7 @@ def _index_docs(c: mongomock.Collection) -> list[dict[str, Any]]:
 
 
 @command("listIndexes")
-def cmd_list_indexes(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_list_indexes(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "listIndexes")
     view = _view(ctx, txn)
     with ctx.store.lock:
@@ -896,7 +920,7 @@ def cmd_list_indexes(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Tr
 
 
 @command("dropIndexes", "deleteIndexes")
-def cmd_drop_indexes(ctx: Context, conn: Connection, cmd: dict, db: str, txn: Transaction | None) -> dict:
+def cmd_drop_indexes(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     name = next(iter(cmd))
     coll = _coll_name(cmd, name)
     index = cmd.get("index")

@@ -53,7 +53,3 @@ class CursorTable:
     def remove(self, cursor_id: int) -> bool:
         with self._lock:
             return self._cursors.pop(cursor_id, None) is not None
-
-    def clear(self) -> None:
-        with self._lock:
-            self._cursors.clear()

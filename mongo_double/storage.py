@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import bson.errors
 import mongomock
 import pymongo.errors
 from bson import ObjectId
@@ -94,6 +95,8 @@ class Store:
 
 def map_exception(exc: Exception, ns: str) -> MongoError:
     """A mongomock / Python exception as the MongoDB error a server would answer."""
+    if isinstance(exc, PartialWrite):
+        exc = exc.cause
     if isinstance(exc, MongoError):
         return exc
     if isinstance(exc, pymongo.errors.DuplicateKeyError):
@@ -103,7 +106,15 @@ def map_exception(exc: Exception, ns: str) -> MongoError:
     if isinstance(exc, pymongo.errors.OperationFailure):
         code = exc.code if isinstance(exc.code, int) and exc.code else 2
         return MongoError(code, str(exc._message if hasattr(exc, "_message") else exc))
-    if isinstance(exc, pymongo.errors.PyMongoError | ValueError | TypeError | KeyError | AttributeError):
+    if isinstance(
+        exc,
+        pymongo.errors.PyMongoError
+        | bson.errors.BSONError
+        | ValueError
+        | TypeError
+        | KeyError
+        | AttributeError,
+    ):
         return MongoError(2, f"{type(exc).__name__}: {exc}")
     raise exc
 
@@ -125,6 +136,69 @@ def update_description(before: dict[str, Any], after: dict[str, Any]) -> dict[st
     truncated: list[dict[str, Any]] = []
     _diff_object(before, after, "", updated, removed, truncated)
     return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": truncated}
+
+
+_ARRAY_OPS = frozenset({"$push", "$addToSet", "$pop", "$pull", "$pullAll"})
+_FIELD_OPS = frozenset(
+    {
+        "$set",
+        "$inc",
+        "$mul",
+        "$min",
+        "$max",
+        "$currentDate",
+        "$bit",
+        "$unset",
+        "$rename",
+        "$setOnInsert",
+        *_ARRAY_OPS,
+    }
+)
+_MISSING = object()
+
+
+def update_description_for(
+    update_doc: dict[str, Any], before: dict[str, Any], after: dict[str, Any]
+) -> dict[str, Any]:
+    """updateDescription as mongod logs it for an operator update: one entry per modified path, so
+    `$set: {sub: {...}}` reports `sub` whole, where a document diff would report `sub.x`, `sub.y`.
+    Array operators report the array's own changes (appended indexes, truncatedArrays)."""
+    paths = [p for spec in update_doc.values() if isinstance(spec, dict) for p in spec]
+    if set(update_doc) - _FIELD_OPS or any("$" in p for p in paths):
+        return update_description(before, after)  # positional paths: only a diff knows what changed
+    updated: dict[str, Any] = {}
+    removed: list[str] = []
+    truncated: list[dict[str, Any]] = []
+    for op, spec in update_doc.items():
+        if op == "$setOnInsert" or not isinstance(spec, dict):
+            continue
+        for path, arg in spec.items():
+            old, new = _lookup(before, path), _lookup(after, path)
+            if op == "$unset":
+                if old is not _MISSING:
+                    removed.append(path)
+            elif op == "$rename":
+                if old is not _MISSING:
+                    removed.append(path)
+                    updated[arg] = _lookup(after, arg)
+            elif new is _MISSING:
+                continue
+            elif op in _ARRAY_OPS and isinstance(old, list) and isinstance(new, list):
+                _diff_value(old, new, path, updated, removed, truncated)
+            elif old is _MISSING or type(old) is not type(new) or old != new:
+                updated[path] = new
+    return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": truncated}
+
+
+def _lookup(doc: Any, path: str) -> Any:
+    for part in path.split("."):
+        if isinstance(doc, dict) and part in doc:
+            doc = doc[part]
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return _MISSING
+    return doc
 
 
 def _diff_object(
@@ -264,6 +338,14 @@ def update(
                 multi=bool(stmt.get("multi")),
                 array_filters=stmt.get("arrayFilters"),
             )
+        except PartialWrite as partial:
+            records.extend(partial.records)
+            n += partial.modified
+            modified += partial.modified
+            errors.append(write_error(index, map_exception(partial.cause, f"{db}.{coll}")))
+            if ordered:
+                break
+            continue
         except Exception as exc:
             errors.append(write_error(index, map_exception(exc, f"{db}.{coll}")))
             if ordered:
@@ -320,51 +402,80 @@ def update_statement(
             new_id,
             [ChangeRecord("insert", db, coll, {"_id": new_id}, stored, images_enabled=images)],
         )
-    records = []
+    records: list[ChangeRecord] = []
     modified = 0
-    for before in befores:
-        # Pin the statement to this document (sort / multi) while keeping the query for `$`.
-        # Without sort or multi, mongomock's update_one picks the same first match as find did.
-        pinned = dict(query)
-        if not multi and sort is None:
-            pass
-        elif "_id" in pinned:
-            pinned = {"$and": [query, {"_id": before["_id"]}]}
-        else:
-            pinned["_id"] = before["_id"]
-        if replacement:
-            if "_id" in update_doc and update_doc["_id"] != before["_id"]:
-                raise MongoError(
-                    66,
-                    "After applying the update, the (immutable) field '_id' was found to have been altered",
-                )
-            c.replace_one(pinned, update_doc)
-        else:
-            c.update_one(pinned, update_doc, array_filters=array_filters)
-        after = by_id(c, before["_id"])
-        if after == before and list(after) == list(before):
-            continue  # a no-op write: mongod logs no oplog entry, so no event either
-        modified += 1
-        if replacement:
-            records.append(
-                ChangeRecord(
-                    "replace", db, coll, {"_id": before["_id"]}, after, before, images_enabled=images
-                )
+    try:
+        for before in befores:
+            modified += _update_one_document(
+                c,
+                db,
+                coll,
+                query,
+                update_doc,
+                before,
+                replacement,
+                multi,
+                sort,
+                array_filters,
+                images,
+                records,
             )
-        else:
-            records.append(
-                ChangeRecord(
-                    "update",
-                    db,
-                    coll,
-                    {"_id": before["_id"]},
-                    after,
-                    before,
-                    update_description(before, after),
-                    images_enabled=images,
-                )
-            )
+    except Exception as exc:
+        # A multi update that fails half-way keeps what it changed (as on mongod): report those events.
+        raise PartialWrite(exc, modified, records) from exc
     return len(befores), modified, None, records
+
+
+class PartialWrite(Exception):
+    """A statement failed after it had already changed some documents."""
+
+    def __init__(self, cause: Exception, modified: int, records: list[ChangeRecord]) -> None:
+        super().__init__(str(cause))
+        self.cause, self.modified, self.records = cause, modified, records
+
+
+def _update_one_document(
+    c: mongomock.Collection,
+    db: str,
+    coll: str,
+    query: dict[str, Any],
+    update_doc: dict[str, Any],
+    before: dict[str, Any],
+    replacement: bool,
+    multi: bool,
+    sort: list[tuple[str, int]] | None,
+    array_filters: list[dict[str, Any]] | None,
+    images: bool,
+    records: list[ChangeRecord],
+) -> int:
+    """Apply the update to one matched document; returns 1 if it changed, appending its record."""
+    # Pin the statement to this document (sort / multi) while keeping the query for `$`.
+    # Without sort or multi, mongomock's update_one picks the same first match find did.
+    pinned = query
+    if multi or sort is not None:
+        pinned = (
+            {"$and": [query, {"_id": before["_id"]}]} if "_id" in query else {**query, "_id": before["_id"]}
+        )
+    if replacement:
+        if "_id" in update_doc and update_doc["_id"] != before["_id"]:
+            raise MongoError(
+                66, "After applying the update, the (immutable) field '_id' was found to have been altered"
+            )
+        c.replace_one(pinned, update_doc)
+    else:
+        c.update_one(pinned, update_doc, array_filters=array_filters)
+    after = by_id(c, before["_id"])
+    if after is None or (after == before and list(after) == list(before)):
+        return 0  # a no-op write: mongod logs no oplog entry, so no event either
+    key = {"_id": before["_id"]}
+    if replacement:
+        records.append(ChangeRecord("replace", db, coll, key, after, before, images_enabled=images))
+    else:
+        description = update_description_for(update_doc, before, after)
+        records.append(
+            ChangeRecord("update", db, coll, key, after, before, description, images_enabled=images)
+        )
+    return 1
 
 
 def delete(
@@ -481,7 +592,3 @@ def iter_find(c: mongomock.Collection, cmd: dict[str, Any]) -> Iterator[dict[str
         limit=limit,
     )
     return iter(list(cursor))
-
-
-def deep_copy(doc: dict[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(doc)

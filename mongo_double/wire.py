@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import bson
@@ -16,7 +16,6 @@ from bson.codec_options import CodecOptions
 
 OP_REPLY = 1
 OP_QUERY = 2004
-OP_COMPRESSED = 2012
 OP_MSG = 2013
 
 MORE_TO_COME = 1 << 1
@@ -44,7 +43,6 @@ class Request:
     more_to_come: bool = False
     # OP_QUERY only: the namespace it addressed (e.g. "admin.$cmd").
     legacy_ns: str | None = None
-    raw_sections: list[Any] = field(default_factory=list)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -64,6 +64,8 @@ def configure() -> Settings:
     register_bson_types()
     app.conf.update(celery_config(settings))
     app.close()  # pooled broker connections may point at the previous broker
+    # Celery 5.7's close() keeps the producer pool, whose connections point at the old broker.
+    app.amqp._producer_pool = None
     reset_db()
     reset_dedup_store()
     return settings

@@ -42,6 +42,17 @@ class Settings:
     listener_batch_size: int = 500
     listener_max_await_ms: int = 500
     listener_stream_name: str = "changeflow"
+    # What to do when the checkpoint is no longer in the oplog: "fail" (record the gap, exit 3) or
+    # "resume-now" (record the gap, start from now, keep running). docs/listener.md, "History lost".
+    listener_on_history_lost: str = "fail"
+    # Failover: one active listener per stream holds a lease in `changeflow_leases`; a standby takes
+    # over once it expired. The TTL must be longer than the renew interval.
+    listener_lease_ttl_seconds: int = 6
+    listener_lease_renew_seconds: int = 2
+    # Health: the heartbeat file the loop writes ("" = /tmp/changeflow-listener-<stream>.json) and
+    # how long without a heartbeat `python -m listener health` accepts.
+    listener_health_file: str = ""
+    listener_max_stall_seconds: int = 30
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -50,6 +61,16 @@ class Settings:
             raise SettingsError("TASK_SOFT_TIME_LIMIT must be smaller than TASK_TIME_LIMIT")
         if self.broker_visibility_timeout <= self.task_time_limit:
             raise SettingsError("BROKER_VISIBILITY_TIMEOUT must be longer than TASK_TIME_LIMIT")
+        if self.listener_on_history_lost not in ("fail", "resume-now"):
+            raise SettingsError(
+                f"LISTENER_ON_HISTORY_LOST must be fail or resume-now, got {self.listener_on_history_lost!r}"
+            )
+        if not 1 <= self.listener_lease_renew_seconds < self.listener_lease_ttl_seconds:
+            raise SettingsError(
+                "LISTENER_LEASE_RENEW_SECONDS must be at least 1 and smaller than LISTENER_LEASE_TTL_SECONDS"
+            )
+        if self.listener_max_stall_seconds < 1:
+            raise SettingsError("LISTENER_MAX_STALL_SECONDS must be at least 1")
         for name in ("mongodb_uri", "mongodb_db", "celery_broker_url", "smtp_host", "mail_from"):
             if not getattr(self, name):
                 raise SettingsError(f"{name.upper()} must not be empty")

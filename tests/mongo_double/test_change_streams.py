@@ -57,6 +57,33 @@ def test_insert_update_replace_delete_event_shapes(db: Database) -> None:
     assert times == sorted(times) and len(set(times)) == 5
 
 
+def test_update_description_paths(db: Database) -> None:
+    db.c.insert_one({"_id": 1, "sub": {"x": 1, "y": 2}, "arr": [1], "n": 1, "old": 0})
+    with watch(db.c) as stream:
+        db.c.update_one({"_id": 1}, {"$set": {"sub": {"z": 3}}, "$inc": {"n": 0}})
+        db.c.update_one({"_id": 1}, {"$push": {"arr": {"$each": [2, 3]}}, "$rename": {"old": "new"}})
+        db.c.update_one({"_id": 1}, {"$set": {"sub.z": 4, "n": 1}})
+        whole, array, nested = take_events(stream, 3)
+    assert whole["updateDescription"]["updatedFields"] == {"sub": {"z": 3}}  # $inc by 0 is no change
+    assert whole["updateDescription"]["removedFields"] == []
+    assert array["updateDescription"]["updatedFields"] == {"arr.1": 2, "arr.2": 3, "new": 0}
+    assert array["updateDescription"]["removedFields"] == ["old"]
+    assert nested["updateDescription"]["updatedFields"] == {"sub.z": 4}
+
+
+def test_multi_update_failing_half_way_reports_what_changed(db: Database) -> None:
+    db.c.create_index("k", unique=True)
+    db.c.insert_many([{"_id": 1, "k": 1}, {"_id": 2, "k": 2}, {"_id": 3, "k": 3}])
+    with watch(db.c) as stream:
+        with pytest.raises(pymongo.errors.WriteError) as info:
+            db.c.update_many({}, {"$set": {"k": 9}})  # the second document clashes with the first
+        assert info.value.code == 11000
+        changed = [d["_id"] for d in db.c.find({"k": 9})]
+        events = take_events(stream, len(changed)) if changed else []
+        assert_no_event(stream)
+    assert [e["documentKey"]["_id"] for e in events] == changed
+
+
 def test_resume_tokens_sort_in_event_order(db: Database) -> None:
     with watch(db.c) as stream:
         db.c.insert_many([{"_id": i} for i in range(30)])

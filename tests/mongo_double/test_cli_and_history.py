@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +85,31 @@ def test_cli_explicit_host_and_port() -> None:
         assert double.client.admin.command("hello")["hosts"] == [f"127.0.0.1:{port}"]
     finally:
         assert double.stop() == 0
+
+
+def test_sigterm_while_a_change_stream_waits() -> None:
+    double = Double()
+    # A short server selection timeout: after the shutdown pymongo's resume attempt gives up quickly.
+    client: pymongo.MongoClient = pymongo.MongoClient(double.uri, serverSelectionTimeoutMS=500)
+    stream = client.t.c.watch(max_await_time_ms=10_000)
+    errors: list[BaseException] = []
+
+    def wait_for_event() -> None:
+        try:
+            stream.try_next()
+        except Exception as exc:  # the server went away: expected
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait_for_event, daemon=True)
+    waiter.start()
+    time.sleep(0.2)  # let the getMore start waiting on the server
+    started = time.monotonic()
+    double.proc.send_signal(signal.SIGTERM)
+    assert double.proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5  # a waiting getMore does not hold shutdown up
+    waiter.join(timeout=15)
+    client.close()
+    double.stop()
 
 
 def test_cli_sigint_exits_zero() -> None:

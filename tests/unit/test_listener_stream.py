@@ -10,6 +10,7 @@ import pytest
 from pymongo.errors import AutoReconnect, OperationFailure
 
 from listener.backoff import Backoff
+from listener.checkpoints import Checkpoint
 from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK
 from listener.publish import BrokerUnavailable, Message, Rejected
 from listener.stream import Listener, is_resumable
@@ -122,7 +123,11 @@ class Journal:
         assert stream == STREAM
         return self.saved
 
-    def save(self, stream: str, resume_token: dict[str, str]) -> None:
+    def load_record(self, stream: str) -> Checkpoint | None:
+        token = self.load(stream)
+        return None if token is None else Checkpoint(token)
+
+    def save(self, stream: str, resume_token: dict[str, str], **_fields: Any) -> None:
         assert stream == STREAM
         self.saved = resume_token
         self.entries.append(("checkpoint", resume_token))

@@ -1,0 +1,101 @@
+"""harness.pipeline.LocalPipeline with what the fault scenarios add to it.
+
+- `worker_app`: start the workers as `celery -A <module> worker` (tests.faults.slow_worker for the
+  worker-kill scenario); the default is changeflow's own `worker`.
+- `durable_broker`: switch redis-server to AOF with `appendfsync always` once it runs, so a restart
+  keeps the queue, the unacked messages and the dedup records, as a production broker must.
+- more listener processes (a standby) that it stops with the rest and whose logs it includes.
+- the broker's backlog (queued plus unacked messages), to know when redeliveries are over.
+- a parallel shutdown: stopping 2 Celery workers one after the other costs seconds per scenario.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import redis
+
+from harness.pipeline import LocalPipeline
+from harness.processes import ManagedProcess, listener_process, worker_process
+
+# kombu's Redis transport: the queue is a list named after it (plus priority lists "celery\x06\x16N"),
+# messages delivered but not acked yet live in the hash "unacked" until ack or visibility timeout.
+QUEUE_PATTERN = "celery*"
+UNACKED = "unacked"
+
+
+class FaultPipeline(LocalPipeline):
+    def __init__(self, *, worker_app: str = "worker", durable_broker: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.worker_app = worker_app
+        self.durable_broker = durable_broker
+        self.extra_listeners: list[ManagedProcess] = []
+
+    def start(self, *, listener: bool = True) -> FaultPipeline:
+        super().start(listener=False)
+        try:
+            assert self.redis is not None
+            if self.durable_broker:
+                self.redis.enable_appendonly()
+            if listener:
+                self.start_listener()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __enter__(self) -> FaultPipeline:
+        return self.start()
+
+    def start_worker(self, name: str) -> ManagedProcess:
+        if self.worker_app == "worker":
+            return super().start_worker(name)
+        worker = worker_process(self.env, name, concurrency=self.worker_concurrency, log_dir=self.log_dir)
+        worker.args[worker.args.index("-A") + 1] = self.worker_app
+        self.workers.append(worker.start(timeout=60))
+        return worker
+
+    def listener_process(self, *args: str, name: str, ready: str | None = "listener ready") -> ManagedProcess:
+        """A further `python -m listener` (not started), stopped and logged with the pipeline."""
+        process = listener_process(self.env, *args, log_dir=self.log_dir, name=name)
+        process.ready = None if ready is None else re.compile(ready)
+        self.extra_listeners.append(process)
+        return process
+
+    def stop(self) -> None:
+        processes = [p for p in [self.listener, *self.extra_listeners, *self.workers] if p is not None]
+        threads = [threading.Thread(target=p.stop, kwargs={"timeout": 15}) for p in processes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        super().stop()
+
+    def broker_backlog(self) -> int | None:
+        """Messages queued or delivered-but-unacked in the broker; None while it is unreachable."""
+        assert self.redis is not None
+        client = redis.Redis.from_url(self.redis.url, socket_timeout=2, socket_connect_timeout=1)
+        try:
+            total = int(client.hlen(UNACKED))
+            for key in client.scan_iter(match=QUEUE_PATTERN):
+                if client.type(key) == b"list":
+                    total += int(client.llen(key))
+            return total
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+
+    def logs(self) -> str:
+        parts = [super().logs()]
+        for process in self.extra_listeners:
+            parts.append(f"===== {process.name}\n{process.log_text(since_start=False)[-3000:]}")
+        if self.mongo is not None:
+            parts.append(f"===== mongo_double\n{self.mongo.log_text(since_start=False)[-1500:]}")
+        if self.redis is not None:
+            redis_log = self.redis.dir / "redis.log"
+            if redis_log.exists():
+                parts.append(f"===== redis-server\n{redis_log.read_text(errors='replace')[-1500:]}")
+        return "\n".join(parts)
