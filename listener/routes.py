@@ -62,12 +62,19 @@ class FieldChanged:
 
 @dataclass(frozen=True)
 class Route:
-    """Send `tasks` for `operation_types` events on `collection` (when `when` holds, if given)."""
+    """Send `tasks` for `operation_types` events on `collection` (when `when` holds, if given).
+
+    `changed_at` (optional) names a top-level date field the application sets when it writes a
+    document in a way this route cares about (the creation time for an insert route, e.g. an
+    `updated_at` or `status_changed_at` for an update route). Only `python -m listener reconcile`
+    reads it, to find the documents written inside a gap of lost history (docs/listener.md).
+    """
 
     collection: str
     operation_types: tuple[str, ...]
     tasks: tuple[str, ...]
     when: FieldChanged | None = None
+    changed_at: str | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence (a list reads fine in a route table) but store tuples: routes are
@@ -81,6 +88,8 @@ class Route:
             raise ValueError(f"route on {self.collection!r} needs at least one operation type")
         if not self.tasks:
             raise ValueError(f"route on {self.collection!r} needs at least one task")
+        if self.changed_at is not None and (not self.changed_at or "." in self.changed_at):
+            raise ValueError(f"changed_at needs a top-level field name, got {self.changed_at!r}")
         if self.when is not None:
             for operation_type in self.operation_types:
                 self.when.match_for(operation_type)  # raises for operation types it cannot judge

@@ -28,7 +28,6 @@ from harness.redis_server import RedisServer
 from listener.dead_letters import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from listener.publish import storable
 from tests.integration.test_listener import Queue
-from worker.app import app as worker_app
 from worker.dead_letters import COLLECTION, record_dead_letter
 from worker.keys import dedup_key
 from worker.testing import configured
@@ -102,9 +101,6 @@ def cli(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> Callable[...
     def run(*argv: str) -> Result:
         capsys.readouterr()
         with configured(**env):
-            # configure() closes worker.app's connection pool but Celery keeps its producer pool,
-            # whose connections point at the broker of an earlier test: drop it.
-            worker_app.amqp._producer_pool = None
             code = main(list(argv))
         captured = capsys.readouterr()
         return Result(code, captured.out, captured.err)

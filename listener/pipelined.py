@@ -1,0 +1,290 @@
+"""A fast `Publisher`: one pipelined Redis round trip per batch, with the messages `send_task` would send.
+
+`CeleryPublisher` pays, per message, for Celery's `saferepr` of the payload (the `argsrepr` header),
+kombu's entity declarations and copies, and one Redis round trip (two with task-sent events). This
+publisher builds the same Celery protocol-2 message with `app.amqp.as_task_v2` (the function
+`send_task` uses), serializes the body with the app's task serializer (kombu's registry, where
+worker.serialization registered the BSON types), wraps it in the kombu Redis transport's envelope
+and sends the whole batch with one `LPUSH` per queue in one `pipeline(transaction=False)`. Workers
+consume the messages unchanged: same task ids, headers (except `argsrepr`, see below), properties
+and body.
+
+Differences from `send_task`, on purpose:
+- `argsrepr` (shown by Flower and in worker logs; never read to run the task) is a short summary of
+  the event (`_id`, `operationType`, `ns`, `documentKey`) instead of a saferepr of the whole payload,
+  which is the most expensive step of `send_task`. `exact_argsrepr=True` restores Celery's.
+- No queue/exchange declaration per message: the default queue of Redis needs none (kombu's binding
+  sets only matter for non-default exchanges), and workers declare their queues on start.
+
+Task-sent events (`task_send_sent_event`, what Flower shows as SENT before a worker receives the
+task) are published in the same pipeline, with the same fields Celery's event dispatcher sends, so
+Flower sees the same thing on both paths.
+
+Guarantees are those of the `Publisher` protocol: a message the serializer refuses is returned as
+`Rejected` (nothing of it is sent); any Redis error raises `BrokerUnavailable` and the caller
+retries the whole batch (an LPUSH that did get through is then sent twice, with the same task id,
+which the workers' dedup guard absorbs); when `publish` returns, Redis has accepted every
+other message.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import traceback
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.exceptions
+from celery.events.event import Event
+from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
+from celery.utils.time import utcoffset
+from kombu.serialization import dumps as kombu_dumps
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from listener.publish import BROKER_ERRORS, ENCODE_ERRORS, BrokerUnavailable, Message, Rejected
+from worker.app import app as worker_app
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+# Values per LPUSH command: bounds one command's size (Redis' limit is far higher) while keeping the
+# number of commands per batch small.
+LPUSH_CHUNK = 1000
+# Fields of the payload summarized in the argsrepr header: what identifies the event.
+SUMMARY_FIELDS = ("_id", "operationType", "ns", "documentKey")
+
+
+def summary_argsrepr(payload: Mapping[str, Any]) -> str:
+    """A cheap argsrepr: the identifying fields of the event, in the shape saferepr would print."""
+    fields = ", ".join(f"{key!r}: {payload[key]!r}" for key in SUMMARY_FIELDS if key in payload)
+    more = ", ..." if len(payload) > sum(1 for key in SUMMARY_FIELDS if key in payload) else ""
+    return f"[{{{fields}{more}}}]"
+
+
+class PipelinedPublisher:
+    """Publishes a batch of task messages in one pipelined Redis round trip (see the module doc).
+
+    `app` (default `worker.app`) gives the broker URL, the task serializer, the default queue, and
+    whether task-sent events are on. `client` replaces the Redis client made from the broker URL.
+    """
+
+    def __init__(
+        self,
+        app: Celery | None = None,
+        *,
+        client: redis.Redis | None = None,
+        exact_argsrepr: bool = False,
+        delivery_tag: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self.app = app or worker_app
+        self.exact_argsrepr = exact_argsrepr
+        self._delivery_tag = delivery_tag
+        self._client = client
+        self._layout: _Layout | None = None
+        self._content = ("application/json", "utf-8")  # set by _body() from the serializer
+
+    # -- the Publisher protocol ----------------------------------------------------------------
+    def publish(self, messages: Sequence[Message]) -> list[Rejected]:
+        rejected: list[Rejected] = []
+        if not messages:
+            return rejected
+        try:
+            layout = self._get_layout()
+            client = self._get_client()
+        except BROKER_ERRORS + (redis.exceptions.RedisError,) as exc:
+            raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
+        envelopes: list[str] = []
+        events: list[str] = []
+        last: tuple[Any, bytes] | None = None  # (payload, body) of the previous message
+        for message in messages:
+            try:
+                # The messages of one event share their payload object, and so their body.
+                if last is None or last[0] is not message.payload:
+                    last = (message.payload, self._body(message.payload))
+                envelope, event = self._envelope(layout, message, last[1])
+            except ENCODE_ERRORS as exc:
+                rejected.append(Rejected(message, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+                continue
+            envelopes.append(envelope)
+            if event is not None:
+                events.append(event)
+        if envelopes:
+            self._send(client, layout, envelopes, events)
+        return rejected
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    # -- building ------------------------------------------------------------------------------
+    def _body(self, payload: dict[str, Any]) -> bytes:
+        """The task body `(args, kwargs, embed)` as send_task encodes it, base64'd as the transport does."""
+        content_type, content_encoding, data = kombu_dumps(
+            ([payload], {}, _EMBED), serializer=self.app.conf.task_serializer
+        )
+        self._content = (content_type, content_encoding)
+        raw = data.encode(content_encoding) if isinstance(data, str) else data
+        return base64.b64encode(raw)
+
+    def _envelope(self, layout: _Layout, message: Message, body: bytes) -> tuple[str, str | None]:
+        payload = message.payload
+        argsrepr = (
+            saferepr([payload], self.app.amqp.argsrepr_maxsize, maxlevels=self.app.conf.task_repr_maxlevels)
+            if self.exact_argsrepr
+            else summary_argsrepr(payload)
+        )
+        task = self.app.amqp.as_task_v2(
+            message.task_id,
+            message.task_name,
+            args=_NO_ARGS,  # the body is encoded separately (and shared by the event's messages)
+            argsrepr=argsrepr,
+            kwargsrepr="{}",
+            origin=layout.origin,
+            reply_to=layout.reply_to,
+            create_sent_event=layout.sent_events,
+            ignore_result=None,  # what send_task passes when the task is not given ignore_result
+        )
+        headers, properties, _, sent_event = task
+        content_type, content_encoding = self._content
+        properties["delivery_mode"] = 2  # persistent, as the default queue's delivery mode
+        properties["delivery_info"] = {"exchange": "", "routing_key": layout.routing_key}
+        properties["priority"] = 0
+        properties["body_encoding"] = "base64"
+        properties["delivery_tag"] = self._delivery_tag()
+        envelope = json.dumps(
+            {
+                "body": body.decode("ascii"),
+                "content-encoding": content_encoding,
+                "content-type": content_type,
+                "headers": headers,
+                "properties": properties,
+            }
+        )
+        if sent_event is None:
+            return envelope, None
+        return envelope, self._sent_event(layout, sent_event)
+
+    def _sent_event(self, layout: _Layout, fields: dict[str, Any]) -> str:
+        """The task-sent event, as celery.events.EventDispatcher publishes it after send_task."""
+        event = Event(
+            "task-sent",
+            hostname=layout.origin,
+            utcoffset=utcoffset(),
+            pid=layout.pid,
+            clock=self.app.clock.forward(),
+            **fields,
+            queue=layout.queue,
+            exchange="",
+            routing_key=layout.routing_key,
+        )
+        body = base64.b64encode(json.dumps(event).encode("utf-8")).decode("ascii")
+        return json.dumps(
+            {
+                "body": body,
+                "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": {"hostname": layout.origin},
+                "properties": {
+                    "delivery_mode": 1,
+                    "delivery_info": {"exchange": "celeryev", "routing_key": "task.sent"},
+                    "priority": 0,
+                    "body_encoding": "base64",
+                    "delivery_tag": self._delivery_tag(),
+                },
+            }
+        )
+
+    # -- sending -------------------------------------------------------------------------------
+    def _send(self, client: redis.Redis, layout: _Layout, envelopes: list[str], events: list[str]) -> None:
+        pipe = client.pipeline(transaction=False)
+        # One LPUSH with many values pushes them in order, exactly as many LPUSHes would: workers
+        # (BRPOP from the other end) take them first in, first out.
+        for start in range(0, len(envelopes), LPUSH_CHUNK):
+            pipe.lpush(layout.queue_key, *envelopes[start : start + LPUSH_CHUNK])
+        for event in events:
+            for topic in layout.event_topics:
+                pipe.publish(topic, event)
+        try:
+            pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            # Connection errors and error replies alike (READONLY after a failover, OOM): the batch
+            # is retried whole, the checkpoint does not move.
+            raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
+
+    def _get_client(self) -> redis.Redis:
+        if self._client is None:
+            conf = self.app.conf
+            options = conf.broker_transport_options or {}
+            timeout = conf.broker_connection_timeout or 4.0
+            self._client = redis.Redis.from_url(
+                conf.broker_url,
+                socket_connect_timeout=options.get("socket_connect_timeout", timeout),
+                socket_timeout=options.get("socket_timeout", 10.0),
+                # No retries inside redis-py: like CeleryPublisher, fail after one attempt and let the
+                # listener back off and retry the batch.
+                retry=Retry(NoBackoff(), 0),
+            )
+        return self._client
+
+    def _get_layout(self) -> _Layout:
+        if self._layout is None:
+            self._layout = _Layout.of(self.app)
+        return self._layout
+
+
+_NO_ARGS: list[Any] = []
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+class _Layout:
+    """Where messages go and what every message shares, read once from the app and kombu's channel."""
+
+    def __init__(
+        self,
+        *,
+        queue: str,
+        queue_key: str,
+        event_topics: list[str],
+        sent_events: bool,
+        origin: str,
+        reply_to: str,
+    ) -> None:
+        self.queue = queue
+        self.routing_key = queue
+        self.queue_key = queue_key
+        self.event_topics = event_topics
+        self.sent_events = sent_events
+        self.origin = origin
+        self.reply_to = reply_to
+        self.pid = os.getpid()
+
+    @classmethod
+    def of(cls, app: Celery) -> _Layout:
+        conf = app.conf
+        if not conf.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"PipelinedPublisher needs a Redis broker, not {conf.broker_url!r}")
+        if (conf.broker_transport_options or {}).get("global_keyprefix"):
+            raise ValueError("PipelinedPublisher does not support broker global_keyprefix")
+        if conf.task_routes:
+            raise ValueError("PipelinedPublisher sends to the default queue only; task_routes is set")
+        queue = conf.task_default_queue
+        # Ask kombu's own Redis channel for the key names, so they match the transport's (the fanout
+        # prefix carries the database number).
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            queue_key = channel._q_for_pri(queue, 0)
+            event_topics = list(channel._get_publish_topics("celeryev", "task.sent"))
+        return cls(
+            queue=queue,
+            queue_key=queue_key,
+            event_topics=event_topics,
+            sent_events=bool(conf.task_send_sent_event),
+            origin=anon_nodename(),
+            reply_to=app.thread_oid,
+        )
