@@ -1,8 +1,14 @@
-"""`python -m listener`: run the listener until SIGTERM/SIGINT; the exit code says why it stopped.
+"""`python -m listener [SUBCOMMAND] ...`: the listener and its operator commands.
+
+    python -m listener [flags]                 run the listener until SIGTERM/SIGINT (no subcommand)
+    python -m listener health [flags]          liveness/readiness from the heartbeat file (exit 0/1)
+    python -m listener gaps [--all]            recorded gaps of lost change stream history
+    python -m listener reconcile --gap ID ...  re-emit events for documents written in a gap
 
 Configuration comes from the environment (worker/settings.py); the flags only cover what an
-operator changes per process. Exit codes: 0 stopped on request, 2 bad flags or settings,
-3 change stream history lost (the checkpoint fell off the oplog), 4 other non-resumable MongoDB error.
+operator changes per process. Exit codes of the listener: 0 stopped on request, 2 bad flags or
+settings, 3 change stream history lost (the checkpoint fell off the oplog, with
+--on-history-lost=fail), 4 other non-resumable MongoDB error. See docs/listener.md.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import pymongo
@@ -24,10 +30,38 @@ from listener.exit_codes import EXIT_USAGE
 log = logging.getLogger("listener")
 
 
+def _health(argv: Sequence[str]) -> int:
+    from listener.health import main as health_main
+
+    return health_main(argv)
+
+
+def _gaps(argv: Sequence[str]) -> int:
+    from listener.gaps import main as gaps_main
+
+    return gaps_main(argv)
+
+
+def _reconcile(argv: Sequence[str]) -> int:
+    from listener.reconcile import main as reconcile_main
+
+    return reconcile_main(argv)
+
+
+# `python -m listener <name> ...` -> handler(rest of argv) -> exit code. Imported lazily, so each
+# subcommand's --help works without settings. Anything else (no subcommand, or flags) runs the listener.
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "health": _health,
+    "gaps": _gaps,
+    "reconcile": _reconcile,
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m listener",
-        description="Turn MongoDB change events into Celery tasks (settings from the environment).",
+        description="Turn MongoDB change events into Celery tasks (settings from the environment). "
+        f"Subcommands: {', '.join(SUBCOMMANDS)} (python -m listener SUBCOMMAND --help).",
         epilog="exit codes: 0 stopped on request, 2 usage/settings, 3 history lost, 4 fatal MongoDB error",
     )
     parser.add_argument(
@@ -54,15 +88,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="how often an idle stream saves its advancing resume token (default: 5)",
     )
+    parser.add_argument(
+        "--on-history-lost",
+        choices=["fail", "resume-now"],
+        help="checkpoint no longer in the oplog: record the gap and exit 3 (fail), or record it and "
+        "continue from now (resume-now) (default: LISTENER_ON_HISTORY_LOST, fail)",
+    )
+    parser.add_argument(
+        "--health-file",
+        metavar="PATH",
+        help="heartbeat file (default: LISTENER_HEALTH_FILE, else /tmp/changeflow-listener-<stream>.json)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "dead-letters":
-        from listener import dead_letters
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    return run(argv)
 
-        return dead_letters.main(argv[1:])
+
+def run(argv: Sequence[str]) -> int:
+    """Run the listener (the default command)."""
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
@@ -74,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Importing anything from worker/ configures worker.app from the environment, so a bad
         # variable raises SettingsError (a ValueError) right here: report it cleanly, exit 2.
         from listener.checkpoints import CheckpointStore
+        from listener.health import HealthFile, default_path
+        from listener.lease import Lease
         from listener.publish import CeleryPublisher
         from listener.stream import Listener
         from worker.settings import get_settings
@@ -81,8 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = get_settings()
         if args.stream_name:
             settings = dataclasses.replace(settings, listener_stream_name=args.stream_name)
+        stream = settings.listener_stream_name
         client = pymongo.MongoClient(settings.mongodb_uri, appname="changeflow-listener")
         db = client[settings.mongodb_db]
+        lease = Lease(
+            db,
+            stream,
+            ttl_seconds=settings.listener_lease_ttl_seconds,
+            renew_seconds=settings.listener_lease_renew_seconds,
+        )
+        health_path = args.health_file or settings.listener_health_file or default_path(stream)
         listener = Listener(
             db,
             CeleryPublisher(),
@@ -90,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings=settings,
             idle_checkpoint_seconds=args.idle_checkpoint_interval,
             summary_seconds=args.summary_interval,
+            lease=lease,
+            health=HealthFile(health_path, stream, owner=lease.owner),
+            on_history_lost=args.on_history_lost,
         )
     except (ValueError, ConfigurationError) as exc:
         log.error("invalid settings: %s", exc)
@@ -105,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    log.info("listener %s starting for stream %s (health file %s)", lease.owner, stream, health_path)
     try:
         return listener.run()
     finally:

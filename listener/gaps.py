@@ -17,8 +17,10 @@ such a gap in `changeflow_gaps` (in MONGODB_DB) before it exits or resumes from 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,3 +93,46 @@ class GapStore:
         self.collection.update_one(
             {"_id": identifier}, {"$set": {"resolved": True, "resolution": dict(resolution)}}
         )
+
+
+def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
+    """`python -m listener gaps [--all]`: one line per gap; exit 0, 1 MongoDB unavailable, 2 usage."""
+    parser = argparse.ArgumentParser(
+        prog="python -m listener gaps",
+        description=f"List recorded gaps of lost change stream history ({COLLECTION} in MONGODB_DB).",
+    )
+    parser.add_argument("--all", action="store_true", help="also resolved gaps")
+    args = parser.parse_args(argv)
+    try:
+        import pymongo
+        from pymongo.errors import ConfigurationError, PyMongoError
+
+        from worker.settings import Settings
+
+        settings = Settings.from_env()
+        client: pymongo.MongoClient = pymongo.MongoClient(settings.mongodb_uri, serverSelectionTimeoutMS=5_000)
+    except (ValueError, ConfigurationError) as exc:
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
+    try:
+        for gap in GapStore(client[settings.mongodb_db]).list(include_resolved=args.all):
+            start, end = gap.get("from") or {}, gap.get("to") or {}
+            state = "resolved" if gap.get("resolved") else "OPEN"
+            print(
+                f"{gap['_id']}  {state}  stream={gap.get('stream')}  from={_iso(start.get('time'))}  "
+                f"to={_iso(end.get('time'))}{'' if end.get('token') else ' (not resumed yet)'}  "
+                f"detections={gap.get('detections')}",
+                file=out,
+            )
+        return 0
+    except PyMongoError as exc:
+        print(f"MongoDB unavailable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def _iso(value: Any) -> str:
+    if not isinstance(value, datetime):
+        return "?"
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()

@@ -1,0 +1,204 @@
+"""PipelinedPublisher against a private redis-server: the same messages as send_task, consumed by a real worker.
+
+The equivalence test publishes one message through `app.send_task` and one through the pipelined
+publisher and compares what lands in Redis, decoded, field by field. Only what is legitimately
+different may differ: the delivery tag (a fresh uuid per message), argsrepr (a summary, on purpose),
+and in the task-sent event the logical clock and timestamp.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from bson import Decimal128, Int64, ObjectId, Timestamp
+from bson.regex import Regex
+from celery import Celery
+from kombu.serialization import loads
+from pymongo.database import Database
+
+from harness.processes import worker_process
+from harness.redis_server import RedisServer
+from harness.smtp_sink import SmtpSink
+from listener.pipelined import PipelinedPublisher
+from listener.publish import BrokerUnavailable, messages_for
+from worker.app import celery_config
+from worker.settings import Settings
+
+
+def change_event(data: str = "8263AB01") -> dict[str, Any]:
+    user = ObjectId()
+    return {
+        "_id": {"_data": data},
+        "operationType": "insert",
+        "clusterTime": Timestamp(1_700_000_000, 1),
+        "wallTime": dt.datetime(2026, 1, 2, 3, 4, 5, 678000),
+        "ns": {"db": "changeflow", "coll": "users"},
+        "documentKey": {"_id": user},
+        "fullDocument": {
+            "_id": user, "email": "ada@example.test", "name": "Ada", "visits": Int64(3),
+            "balance": Decimal128("1.50"),
+        },
+    }  # fmt: skip
+
+
+@pytest.fixture
+def celery_app(redis_server: RedisServer) -> Iterator[Celery]:
+    """Configured like worker.app (same serializer, message format, sent events) on this test's Redis."""
+    app = Celery("changeflow-test", set_as_current=False)
+    app.conf.update(celery_config(Settings(celery_broker_url=redis_server.url)))
+    app.conf.broker_connection_timeout = 1
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+def pop_envelope(client: redis.Redis) -> dict[str, Any]:
+    raw = client.rpop("celery")
+    assert raw is not None, "no message in the queue"
+    envelope: dict[str, Any] = json.loads(raw)
+    return envelope
+
+
+def decode_body(envelope: dict[str, Any]) -> Any:
+    return loads(base64.b64decode(envelope["body"]), envelope["content-type"], envelope["content-encoding"])
+
+
+def test_messages_match_send_task(celery_app: Celery, client: redis.Redis) -> None:
+    event = change_event()
+    (message, *_) = messages_for(event)
+    celery_app.send_task(
+        message.task_name, args=[message.payload], task_id=message.task_id, retry=False, add_to_parent=False
+    )
+    reference = pop_envelope(client)
+    publisher = PipelinedPublisher(celery_app)
+    assert publisher.publish([message]) == []
+    fast = pop_envelope(client)
+
+    # The body (args, kwargs, embed) is byte for byte the same, BSON types included.
+    assert fast["body"] == reference["body"]
+    assert decode_body(fast)[0] == [message.payload]
+    assert list(fast) == list(reference)  # the same envelope keys, in the same order
+    for key in ("content-encoding", "content-type"):
+        assert fast[key] == reference[key]
+    # Headers: all the same but argsrepr, a summary of the event instead of a repr of the whole payload.
+    assert fast["headers"].pop("argsrepr").startswith(reference["headers"].pop("argsrepr")[:60])
+    assert fast["headers"] == reference["headers"]
+    assert list(fast["headers"]) == list(reference["headers"])
+    assert fast["headers"]["id"] == message.task_id
+    # Properties: all the same but the delivery tag.
+    assert fast["properties"].pop("delivery_tag") != reference["properties"].pop("delivery_tag")
+    assert fast["properties"] == reference["properties"]
+    assert list(fast["properties"]) == list(reference["properties"])
+
+
+def test_exact_argsrepr_matches_send_task(celery_app: Celery, client: redis.Redis) -> None:
+    (message, *_) = messages_for(change_event())
+    celery_app.send_task(
+        message.task_name, args=[message.payload], task_id=message.task_id, retry=False, add_to_parent=False
+    )
+    reference = pop_envelope(client)
+    PipelinedPublisher(celery_app, exact_argsrepr=True).publish([message])
+    assert pop_envelope(client)["headers"] == reference["headers"]
+
+
+def test_task_sent_events_match(celery_app: Celery, client: redis.Redis) -> None:
+    (message, *_) = messages_for(change_event())
+    pubsub = client.pubsub()
+    pubsub.psubscribe("*celeryev*")
+    assert pubsub.get_message(timeout=2) is not None  # the subscription confirmation
+
+    def next_event() -> dict[str, Any]:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            got = pubsub.get_message(timeout=1)
+            if got and got["type"] == "pmessage":
+                envelope = json.loads(got["data"])
+                envelope["channel"] = got["channel"]
+                envelope["event"] = json.loads(base64.b64decode(envelope.pop("body")))
+                return envelope
+        raise AssertionError("no task-sent event")
+
+    celery_app.send_task(
+        message.task_name, args=[message.payload], task_id=message.task_id, retry=False, add_to_parent=False
+    )
+    reference = next_event()
+    PipelinedPublisher(celery_app).publish([message])
+    fast = next_event()
+    pubsub.close()
+
+    assert fast["channel"] == reference["channel"]
+    for envelope in (fast, reference):
+        envelope["properties"].pop("delivery_tag")
+        for field in ("clock", "timestamp", "args"):  # a logical clock, a time, and the argsrepr
+            envelope["event"].pop(field)
+    assert fast == reference
+    assert fast["event"]["uuid"] == message.task_id and fast["event"]["type"] == "task-sent"
+
+
+def test_a_batch_is_pushed_in_order_and_unserializable_messages_are_rejected(
+    celery_app: Celery, client: redis.Redis
+) -> None:
+    events = [change_event(f"82{i:04X}") for i in range(5)]
+    events[2]["fullDocument"]["pattern"] = Regex("^a")  # a BSON type the serializer refuses
+    messages = [message for event in events for message in messages_for(event)]
+    rejected = PipelinedPublisher(celery_app).publish(messages)
+
+    assert [r.message.payload["_id"] for r in rejected] == [events[2]["_id"]] * 2
+    assert "fullDocument.pattern" in rejected[0].error
+    sent = [json.loads(client.rpop("celery"))["headers"]["id"] for _ in range(client.llen("celery"))]
+    assert sent == [m.task_id for m in messages if m.payload["_id"] != events[2]["_id"]]
+
+
+def test_a_stopped_broker_raises_broker_unavailable(celery_app: Celery, redis_server: RedisServer) -> None:
+    publisher = PipelinedPublisher(celery_app)
+    messages = messages_for(change_event())
+    assert publisher.publish(messages) == []
+    redis_server.stop()
+    with pytest.raises(BrokerUnavailable):
+        publisher.publish(messages)
+    redis_server.start()
+    assert publisher.publish(messages) == []  # and it recovers once the broker is back
+
+
+def test_a_real_worker_runs_the_tasks(redis_server: RedisServer, mongodb_uri: str, db: Database) -> None:
+    """A `celery -A worker worker` process consumes the pipelined messages and marks their keys done."""
+    with SmtpSink(port=0) as sink:
+        env = {
+            "CELERY_BROKER_URL": redis_server.url,
+            "REDIS_URL": redis_server.url,
+            "MONGODB_URI": mongodb_uri,
+            "MONGODB_DB": db.name,
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(sink.port),
+        }
+        app = Celery("changeflow-test", set_as_current=False)
+        app.conf.update(celery_config(Settings(celery_broker_url=redis_server.url)))
+        event = change_event(f"82{uuid.uuid4().hex[:8].upper()}")
+        messages = messages_for(event)
+        assert PipelinedPublisher(app).publish(messages) == []
+        worker = worker_process(env, "pipelined", concurrency=1).start(timeout=60)
+        try:
+            client = redis.Redis.from_url(redis_server.url)
+            keys = [f"changeflow:done:{m.task_id}" for m in messages]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and client.exists(*keys) < len(keys):
+                time.sleep(0.1)
+            assert client.exists(*keys) == len(keys), worker.log_text()[-3000:]
+            assert db.profiles.count_documents({}) == 1
+        finally:
+            worker.stop()
+            app.close()
