@@ -4,6 +4,7 @@
     python -m listener health [flags]          liveness/readiness from the heartbeat file (exit 0/1)
     python -m listener gaps [--all]            recorded gaps of lost change stream history
     python -m listener reconcile --gap ID ...  re-emit events for documents written in a gap
+    python -m listener dead-letters list|show|replay|purge ...   failed tasks (docs/dead_letters.md)
 
 Configuration comes from the environment (worker/settings.py); the flags only cover what an
 operator changes per process. Exit codes of the listener: 0 stopped on request, 2 bad flags or
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import FrameType
 
 import pymongo
@@ -30,31 +32,19 @@ from listener.exit_codes import EXIT_USAGE
 log = logging.getLogger("listener")
 
 
-def _health(argv: Sequence[str]) -> int:
-    from listener.health import main as health_main
-
-    return health_main(argv)
-
-
-def _gaps(argv: Sequence[str]) -> int:
-    from listener.gaps import main as gaps_main
-
-    return gaps_main(argv)
-
-
-def _reconcile(argv: Sequence[str]) -> int:
-    from listener.reconcile import main as reconcile_main
-
-    return reconcile_main(argv)
-
-
-# `python -m listener <name> ...` -> handler(rest of argv) -> exit code. Imported lazily, so each
+# `python -m listener <name> ...` -> <module>.main(rest of argv) -> exit code. Imported lazily, so each
 # subcommand's --help works without settings. Anything else (no subcommand, or flags) runs the listener.
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "health": _health,
-    "gaps": _gaps,
-    "reconcile": _reconcile,
+SUBCOMMANDS: dict[str, str] = {
+    "health": "listener.health",
+    "gaps": "listener.gaps",
+    "reconcile": "listener.reconcile",
+    "dead-letters": "listener.dead_letters",
 }
+
+
+def run_subcommand(name: str, argv: Sequence[str]) -> int:
+    module = importlib.import_module(SUBCOMMANDS[name])
+    return int(module.main(list(argv)))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -105,7 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
+        return run_subcommand(argv[0], argv[1:])
     return run(argv)
 
 

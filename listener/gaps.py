@@ -110,7 +110,9 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
         from worker.settings import Settings
 
         settings = Settings.from_env()
-        client: pymongo.MongoClient = pymongo.MongoClient(settings.mongodb_uri, serverSelectionTimeoutMS=5_000)
+        client: pymongo.MongoClient = pymongo.MongoClient(
+            settings.mongodb_uri, serverSelectionTimeoutMS=5_000
+        )
     except (ValueError, ConfigurationError) as exc:
         print(f"invalid settings: {exc}", file=sys.stderr)
         return 2

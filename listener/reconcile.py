@@ -19,9 +19,12 @@ workers' dedup guard runs each once): `{"_data": "reconcile:<coll>:<_id>"}` for 
 
 What it cannot recover: deletes; updates to documents created before the window on collections
 without `changed_at`; several updates of one document (one event, with the current state); the
-intermediate states of any document. And it cannot tell a document whose real event was delivered
-from one whose event was lost when both fall in the window's first (partial) second: such a
-document gets its tasks a second time under a different task id. Check with --dry-run.
+intermediate states of any document. At the window's end, documents created in its last
+seconds whose insert event the resumed stream delivered are left out (looked up in the oplog after
+the gap's `to.token`; if that is gone too, they are emitted). At its start nothing can be checked
+(that history is lost): a document created in the window's first (partial) second whose real
+event was delivered before the gap gets its tasks a second time, under a different task id. Check
+with --dry-run.
 
 Exit codes: 0 done (or dry run), 1 broker or MongoDB unavailable (rerunning is safe: same task ids),
 2 usage (bad flags or settings, unknown gap, gap without an end yet).
@@ -92,9 +95,18 @@ def window_of_gap(gap: Mapping[str, Any]) -> tuple[datetime, datetime]:
 
 
 def synthetic_events(
-    db: Database, routes: Sequence[Route], since: datetime, until: datetime
+    db: Database,
+    routes: Sequence[Route],
+    since: datetime,
+    until: datetime,
+    resumed_at: Mapping[str, Any] | None = None,
+    out: Any = None,
 ) -> Iterator[Synthetic]:
-    """The synthetic events of documents written in [since, until], collection by collection."""
+    """The synthetic events of documents written in [since, until], collection by collection.
+
+    `resumed_at`: the token the listener resumed at after the gap. Documents created in the window's
+    last seconds whose insert event the resumed stream delivered are left out (checked in the oplog).
+    """
     from bson import ObjectId
 
     from listener.publish import messages_for
@@ -103,7 +115,9 @@ def synthetic_events(
     for name in collections:
         collection = db[name]
         inserts = [r for r in routes if r.collection == name and "insert" in r.operation_types]
-        updates = [r for r in routes if r.collection == name and "update" in r.operation_types and r.changed_at]
+        updates = [
+            r for r in routes if r.collection == name and "update" in r.operation_types and r.changed_at
+        ]
         created: set[str] = set()
         if inserts:
             # ObjectIds hold whole seconds: the window's first second is included entirely (see above).
@@ -118,9 +132,17 @@ def synthetic_events(
                 assert field is not None
                 for doc in collection.find({field: {"$gte": since, "$lte": until}}).sort(field, 1):
                     found.append((doc, _utc(doc[field])))
+            edge = until.replace(microsecond=0) - timedelta(seconds=1)
+            delivered = delivered_after(
+                db, name, [doc["_id"] for doc, when in found if when >= edge], resumed_at
+            )
             for doc, when in found:
                 key = _id_text(doc["_id"])
                 if key in created:
+                    continue
+                if key in delivered:
+                    if out is not None:
+                        print(f"skip insert {name}/{key}: delivered by the resumed stream", file=out)
                     continue
                 created.add(key)
                 event = _event(db.name, name, doc, "insert", f"reconcile:{name}:{key}", when)
@@ -134,16 +156,52 @@ def synthetic_events(
                 if key in created:
                     continue  # its insert carries the current state already
                 when = _utc(doc[field])
-                updated = {route.when.field: doc[route.when.field]} if route.when and route.when.field in doc else {}
+                updated = (
+                    {route.when.field: doc[route.when.field]}
+                    if route.when and route.when.field in doc
+                    else {}
+                )
                 event = _event(
                     db.name, name, doc, "update", f"reconcile:{name}:{key}:update:{when.isoformat()}", when
                 )
-                event["updateDescription"] = {"updatedFields": updated, "removedFields": [], "truncatedArrays": []}
+                event["updateDescription"] = {
+                    "updatedFields": updated,
+                    "removedFields": [],
+                    "truncatedArrays": [],
+                }
                 if messages := messages_for(event, routes):
                     yield Synthetic(event, messages)
 
 
-def _event(db: str, coll: str, doc: Mapping[str, Any], kind: str, data: str, when: datetime) -> dict[str, Any]:
+def delivered_after(
+    db: Database, collection: str, ids: Sequence[Any], token: Mapping[str, Any] | None
+) -> set[str]:
+    """Which of `ids` have an insert event on `collection` after `token` (the resumed stream's start).
+
+    Reads the oplog from `token` up to now, filtered server-side. If `token` is no longer in the
+    oplog nothing can be told: an empty set (those documents are emitted, possibly a second time).
+    """
+    from pymongo.errors import OperationFailure
+
+    if not ids or token is None:
+        return set()
+    pipeline = [
+        {"$match": {"ns.coll": collection, "operationType": "insert", "documentKey._id": {"$in": list(ids)}}}
+    ]
+    found: set[str] = set()
+    try:
+        with db.watch(pipeline, start_after=dict(token), max_await_time_ms=200) as stream:
+            while (event := stream.try_next()) is not None:
+                found.add(_id_text(event["documentKey"]["_id"]))
+    except OperationFailure as exc:
+        log.warning("cannot check %s inserts after the gap's end (%s): emitting them all", collection, exc)
+        return set()
+    return found
+
+
+def _event(
+    db: str, coll: str, doc: Mapping[str, Any], kind: str, data: str, when: datetime
+) -> dict[str, Any]:
     return {
         "_id": {"_data": data},
         "operationType": kind,
@@ -161,6 +219,7 @@ def reconcile(
     since: datetime,
     until: datetime,
     *,
+    resumed_at: Mapping[str, Any] | None = None,
     dry_run: bool = False,
     batch_size: int = 500,
     out: Any = sys.stdout,
@@ -179,7 +238,7 @@ def reconcile(
         counts["dead_letters"] += len(rejected)
         batch.clear()
 
-    for synthetic in synthetic_events(db, routes, since, until):
+    for synthetic in synthetic_events(db, routes, since, until, resumed_at, out):
         counts["events"] += 1
         event = synthetic.event
         tasks = ", ".join(m.task_name for m in synthetic.messages)
@@ -210,8 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--gap", metavar="ID", help="a gap id from `python -m listener gaps`; marked resolved")
-    which.add_argument("--since", type=_timestamp, metavar="ISO", help="window start (UTC unless a zone is given)")
-    parser.add_argument("--until", type=_timestamp, metavar="ISO", help="window end, with --since (default: now)")
+    which.add_argument(
+        "--since", type=_timestamp, metavar="ISO", help="window start (UTC unless a zone is given)"
+    )
+    parser.add_argument(
+        "--until", type=_timestamp, metavar="ISO", help="window end, with --since (default: now)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what would be emitted; publish nothing")
     return parser
 
@@ -221,7 +284,9 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
     args = parser.parse_args(argv)
     if args.until is not None and args.since is None:
         parser.error("--until goes with --since")
-    logging.basicConfig(level="INFO", stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level="INFO", stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         import pymongo
         from pymongo.errors import ConfigurationError, PyMongoError
@@ -246,14 +311,16 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
             if gap is None:
                 raise UsageError(f"no gap {args.gap!r} in {gaps.collection.name}")
             since, until = window_of_gap(gap)
+            resumed_at = gap["to"]["token"]
             if gap.get("resolved"):
                 print(f"note: gap {args.gap} was already resolved; emitting again (same task ids)", file=out)
         else:
             since, until = args.since, args.until or datetime.now(UTC)
+            resumed_at = None
         if until < since:
             raise UsageError(f"empty window: {until.isoformat()} is before {since.isoformat()}")
         counts = reconcile(
-            db, CeleryPublisher(), ROUTES, since, until,
+            db, CeleryPublisher(), ROUTES, since, until, resumed_at=resumed_at,
             dry_run=args.dry_run, batch_size=settings.listener_batch_size, out=out,
         )  # fmt: skip
         verb = "would publish" if args.dry_run else "published"

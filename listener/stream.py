@@ -10,9 +10,17 @@ Failures:
 - MongoDB unreachable or a resumable server error: reopen the stream from the last position, after
   an exponential, capped, jittered backoff.
 - Broker unavailable: keep the batch, back off, publish it again; the checkpoint waits.
-- ChangeStreamHistoryLost (code 286: the checkpoint fell off the oplog) or another non-resumable
-  error: stop with a distinct exit code. Silently starting "now" would skip events.
+- ChangeStreamHistoryLost (code 286: the checkpoint fell off the oplog): record the gap in
+  `changeflow_gaps` (listener/gaps.py), then exit 3 (on_history_lost "fail") or, only when told
+  ("resume-now"), log it at WARNING and continue from now. Never a silent skip, never a retry loop.
+- Another non-resumable error: stop with a distinct exit code.
 - Invalidate (the watched database was dropped): log it and reopen after the invalidation.
+
+Failover (with a `lease`, listener/lease.py): only the lease holder runs the stream; it claims the
+checkpoint with its epoch before loading it, renews the lease from this loop (never from a thread:
+a blocked loop must lose the lease), checks it before each publish, and fences every checkpoint save
+with its epoch. LeaseLost or FencedOut: stop publishing, drop the batch in memory (it is behind the
+checkpoint), go back to standby. The heartbeat file (listener/health.py) is written from the loop too.
 
 The stream is always opened with `start_after=<token>` rather than `resume_after`: for an ordinary
 token the two are the same, but only startAfter accepts an invalidate token, and a stream can end on
@@ -300,8 +308,10 @@ class Listener:
         if record is not None and record.token is not None:
             if record.position_time is not None:
                 self._position_time = record.position_time
-            else:  # a checkpoint from before position_time existed: later than the real position
+            elif record.updated_at is not None:  # saved before position_time existed: later than the position
                 self._position_time, self._time_source = record.updated_at, "updated_at"
+            else:
+                self._time_source = "unknown"
         self.stats.checkpoint = self._saved
         if self._saved is None:
             log.info("no checkpoint for stream %s: starting now", self.stream_name)

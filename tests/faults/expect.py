@@ -40,9 +40,7 @@ class Expected:
 
     @property
     def total(self) -> int:
-        return sum(
-            sum(c.values()) for c in (self.welcome, self.shipping, self.profiles, self.status_counts)
-        )
+        return sum(sum(c.values()) for c in (self.welcome, self.shipping, self.profiles, self.status_counts))
 
 
 def compare(expected: Expected, effects: Effects) -> Comparison:

@@ -32,14 +32,15 @@ def _module_exists(name: str) -> bool:
 
 def missing_feature(number: int) -> str | None:
     """Why scenario `number` cannot pass yet, or None when what it needs is there."""
-    if number == 5:
-        if "--on-history-lost" not in listener_help():
-            return (
-                "history-lost handling: `python -m listener --on-history-lost=fail|resume-now` "
-                "(exit code EXIT_HISTORY_LOST plus a record in changeflow_gaps) is not in the listener CLI"
-            )
+    if number == 5 and "--on-history-lost" not in listener_help():
+        return (
+            "history-lost handling: `python -m listener --on-history-lost=fail|resume-now` "
+            "(exit code EXIT_HISTORY_LOST plus a record in changeflow_gaps) is not in the listener CLI"
+        )
     if number == 6:
         stream = (REPO_ROOT / "listener" / "stream.py").read_text()
         if not _module_exists("lease") or "standby" not in stream:
-            return "listener failover: a lease with a fencing token (standby listeners) is not in the listener"
+            return (
+                "listener failover: a lease with a fencing token (standby listeners) is not in the listener"
+            )
     return None

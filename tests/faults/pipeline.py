@@ -1,6 +1,6 @@
 """harness.pipeline.LocalPipeline with what the fault scenarios add to it.
 
-- `worker_app`: start the workers as `celery -A <module> worker` (tests.faults.slow_worker for the
+- `worker_app`: start the workers as `celery -A <module> worker` (tests.faults.fault_worker for the
   worker-kill scenario); the default is changeflow's own `worker`.
 - `durable_broker`: switch redis-server to AOF with `appendfsync always` once it runs, so a restart
   keeps the queue, the unacked messages and the dedup records, as a production broker must.
@@ -32,6 +32,9 @@ class FaultPipeline(LocalPipeline):
         self.worker_app = worker_app
         self.durable_broker = durable_broker
         self.extra_listeners: list[ManagedProcess] = []
+        self.crashes: list[str] = []  # what the supervisor restarted: "worker1: <last error line>"
+        self._supervising = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     def start(self, *, listener: bool = True) -> FaultPipeline:
         super().start(listener=False)
@@ -57,14 +60,39 @@ class FaultPipeline(LocalPipeline):
         self.workers.append(worker.start(timeout=60))
         return worker
 
+    def start_listener(self, *args: str, name: str = "listener") -> ManagedProcess:
+        return super().start_listener(*args, *self._health_file(name), name=name)
+
     def listener_process(self, *args: str, name: str, ready: str | None = "listener ready") -> ManagedProcess:
         """A further `python -m listener` (not started), stopped and logged with the pipeline."""
-        process = listener_process(self.env, *args, log_dir=self.log_dir, name=name)
+        process = listener_process(self.env, *args, *self._health_file(name), log_dir=self.log_dir, name=name)
         process.ready = None if ready is None else re.compile(ready)
         self.extra_listeners.append(process)
         return process
 
+    def supervise(self) -> None:
+        """Restart any worker process that exits, as systemd (Restart=always) or compose would."""
+        self._supervising.set()
+        self._supervisor = threading.Thread(target=self._supervise, name="fault-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        while self._supervising.wait(0.5) and self._supervising.is_set():
+            for worker in self.workers:
+                if self._supervising.is_set() and worker.process is not None and not worker.running:
+                    lines = [line for line in worker.log_text().splitlines() if "Unrecoverable error" in line]
+                    why = lines[-1][:160] if lines else f"exit code {worker.process.returncode}"
+                    self.crashes.append(f"{worker.name}: {why}")
+                    worker.start(timeout=60)
+
+    def _health_file(self, name: str) -> list[str]:
+        # The default (/tmp/changeflow-listener-<stream>.json) would be shared by every listener here.
+        return ["--health-file", str(self.log_dir / f"{name}.health.json")]
+
     def stop(self) -> None:
+        self._supervising.clear()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=70)
         processes = [p for p in [self.listener, *self.extra_listeners, *self.workers] if p is not None]
         threads = [threading.Thread(target=p.stop, kwargs={"timeout": 15}) for p in processes]
         for thread in threads:

@@ -109,10 +109,14 @@ def format_table(results: Sequence[Result]) -> str:
     numeric = set(range(2, 10))
 
     def line(cells: list[str]) -> str:
-        padded = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        padded = [
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":" if i in numeric else "-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    dashes = ["-" * (w + 1) + ":" if i in numeric else "-" * (w + 2) for i, w in enumerate(widths)]
+    rule = "|" + "|".join(dashes) + "|"
     return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
 
 

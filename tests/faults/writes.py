@@ -28,8 +28,7 @@ def workload_writes(work: Workload) -> list[Write]:
         writes.append(lambda db, doc=dict(user): db.users.insert_one(doc))
     for order in work.orders:
         writes.append(lambda db, doc=dict(order): db.orders.insert_one(doc))
-    for order_id, status in work.transitions:
-        writes.append(lambda db, i=order_id, s=status: db.orders.update_one({"_id": i}, {"$set": {"status": s}}))
+    writes.extend(set_status(order_id, status) for order_id, status in work.transitions)
     return writes
 
 

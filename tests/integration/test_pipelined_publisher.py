@@ -1,4 +1,4 @@
-"""PipelinedPublisher against a private redis-server: the same messages as send_task, consumed by a real worker.
+"""PipelinedPublisher on a private redis-server: the messages send_task sends, consumed by a real worker.
 
 The equivalence test publishes one message through `app.send_task` and one through the pipelined
 publisher and compares what lands in Redis, decoded, field by field. Only what is legitimately
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -116,6 +117,7 @@ def test_exact_argsrepr_matches_send_task(celery_app: Celery, client: redis.Redi
 
 
 def test_task_sent_events_match(celery_app: Celery, client: redis.Redis) -> None:
+    """send_task's task-sent event, and the pipelined one: the same event, grouped like Celery's buffers."""
     (message, *_) = messages_for(change_event())
     pubsub = client.pubsub()
     pubsub.psubscribe("*celeryev*")
@@ -140,13 +142,43 @@ def test_task_sent_events_match(celery_app: Celery, client: redis.Redis) -> None
     fast = next_event()
     pubsub.close()
 
-    assert fast["channel"] == reference["channel"]
-    for envelope in (fast, reference):
-        envelope["properties"].pop("delivery_tag")
+    # One message per batch, on the routing key of Celery's grouped events, holding a list of events.
+    assert reference["channel"] == b"/0.celeryev/task.sent"
+    assert fast["channel"] == b"/0.celeryev/task.multi"
+    (event,) = fast.pop("event")
+    expected = reference.pop("event")
+    for fields in (event, expected):
         for field in ("clock", "timestamp", "args"):  # a logical clock, a time, and the argsrepr
-            envelope["event"].pop(field)
+            fields.pop(field)
+    assert event == expected
+    assert event["uuid"] == message.task_id and event["type"] == "task-sent"
+    for envelope in (fast, reference):
+        envelope.pop("channel")
+        envelope["properties"].pop("delivery_tag")
+        envelope["properties"]["delivery_info"].pop("routing_key")
     assert fast == reference
-    assert fast["event"]["uuid"] == message.task_id and fast["event"]["type"] == "task-sent"
+
+
+def test_celery_event_receivers_see_each_task_sent_event(celery_app: Celery) -> None:
+    """What Flower uses (celery.events.EventReceiver) gets one task-sent event per message."""
+    messages = messages_for(change_event()) + messages_for(change_event("8263AB02"))
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+    with celery_app.connection_for_read() as connection:
+        receiver = celery_app.events.Receiver(connection, handlers={"task-sent": seen.append})
+
+        def consume() -> None:
+            ready.set()
+            receiver.capture(limit=len(messages), timeout=10, wakeup=False)
+
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        ready.wait(5)
+        time.sleep(0.5)  # let the receiver subscribe before publishing
+        PipelinedPublisher(celery_app).publish(messages)
+        thread.join(15)
+    assert [e["uuid"] for e in seen] == [m.task_id for m in messages]
+    assert {e["name"] for e in seen} == {m.task_name for m in messages}
 
 
 def test_a_batch_is_pushed_in_order_and_unserializable_messages_are_rejected(

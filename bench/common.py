@@ -1,0 +1,171 @@
+"""What the benchmarks share: the machine line, real-shaped change events, private servers, the core loop.
+
+Every benchmark runs against servers of its own (a private redis-server on a free port, the MongoDB
+test server as a subprocess): never the Redis on 127.0.0.1:6379.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import celery
+import kombu
+import pymongo
+import redis
+from bson import Decimal128, Int64, ObjectId, Timestamp
+from pymongo.database import Database
+
+from listener.checkpoints import CheckpointStore
+from listener.publish import Publisher
+from listener.stream import Listener
+from worker.settings import Settings
+
+STREAM = "bench"
+BATCH_SIZE = 500  # LISTENER_BATCH_SIZE's default: one publish and one checkpoint per 500 events
+
+
+def machine() -> str:
+    """One line naming the machine and the versions the figures depend on."""
+    try:
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=True).stdout
+        redis_version = next((p.split("=", 1)[1] for p in out.split() if p.startswith("v=")), out.strip())
+    except (OSError, subprocess.CalledProcessError):
+        redis_version = "?"
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"machine: {os.cpu_count()} cores ({cpu}, {platform.system()} {platform.release()}), "
+        f"Python {platform.python_version()}, redis-server {redis_version}, redis-py {redis.__version__}, "
+        f"celery {celery.__version__}, kombu {kombu.__version__}, pymongo {pymongo.version}"
+    )
+
+
+# -- real-shaped change events -------------------------------------------------------------------
+def change_events(count: int, *, start: int = 0) -> Iterator[dict[str, Any]]:
+    """`count` change events as a MongoDB change stream delivers them (fullDocument looked up).
+
+    The mix of the sample workload: a third user inserts (2 tasks each), a third order inserts
+    (1 task), a third order status updates (2 tasks): 5/3 task messages per event on average.
+    Resume tokens are unique and increasing, like real ones.
+    """
+    base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).replace(tzinfo=None)
+    for i in range(start, start + count):
+        kind = i % 3
+        oid = ObjectId()
+        event: dict[str, Any] = {
+            "_id": {"_data": f"8267{i:012X}000000012B042C0100296E5A1004"},
+            "clusterTime": Timestamp(1_767_225_600 + i // 1000, i % 1000 + 1),
+            "wallTime": base + dt.timedelta(milliseconds=i),
+            "lsid": {"id": ObjectId(), "uid": b"\x00" * 32},  # not part of the payload: trimmed away
+            "txnNumber": Int64(i),
+        }
+        if kind == 0:
+            doc = {"_id": oid, "email": f"user{i}@example.test", "name": f"User {i}", "plan": "free"}
+            event.update(operationType="insert", ns={"db": "changeflow", "coll": "users"}, fullDocument=doc)
+        else:
+            doc = {
+                "_id": oid, "user_id": ObjectId(), "status": "pending" if kind == 1 else "shipped",
+                "total": Decimal128(f"{i % 500}.99"), "items": [{"sku": f"SKU-{i % 97}", "qty": 1 + i % 3}],
+                "created_at": base + dt.timedelta(seconds=i),
+            }  # fmt: skip
+            event.update(ns={"db": "changeflow", "coll": "orders"}, fullDocument=doc)
+            if kind == 1:
+                event["operationType"] = "insert"
+            else:
+                event["operationType"] = "update"
+                event["updateDescription"] = {
+                    "updatedFields": {"status": "shipped"}, "removedFields": [], "truncatedArrays": [],
+                }  # fmt: skip
+        event["documentKey"] = {"_id": oid}
+        yield event
+
+
+# -- driving the real Listener from an iterator ------------------------------------------------
+class _IteratorStream:
+    """Stands in for pymongo's ChangeStream: hands out the events, then stops the listener."""
+
+    def __init__(self, events: Iterator[Mapping[str, Any]], on_end: Callable[[], None]) -> None:
+        self.events = events
+        self.on_end = on_end
+        self.resume_token: Mapping[str, Any] | None = {"_data": "8266000000000000000000"}
+        self.alive = True
+
+    def try_next(self) -> Mapping[str, Any] | None:
+        event = next(self.events, None)
+        if event is None:
+            self.on_end()  # the listener finishes this batch (publish + checkpoint) and returns
+            return None
+        self.resume_token = event["_id"]
+        return event
+
+    def __enter__(self) -> _IteratorStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class _IteratorDatabase:
+    """Stands in for the watched Database: watch() returns the iterator stream. Nothing else is used."""
+
+    def __init__(self, name: str, events: Iterable[Mapping[str, Any]]) -> None:
+        self.name = name
+        self.events = iter(events)
+        self.listener: Listener | None = None
+
+    def watch(self, *args: Any, **kwargs: Any) -> _IteratorStream:
+        assert self.listener is not None
+        return _IteratorStream(self.events, self.listener.stop)
+
+
+def run_listener_core(
+    events: Iterable[Mapping[str, Any]], publisher: Publisher, checkpoint_db: Database
+) -> Listener:
+    """changeflow's `Listener` (listener/stream.py) over `events`: routing, payload, dedup keys, publish
+    and one checkpoint (into `checkpoint_db`, a real CheckpointStore) per batch of BATCH_SIZE events.
+    Returns the listener once it has delivered every event, for its stats."""
+    db = _IteratorDatabase(checkpoint_db.name, events)
+    settings = Settings(
+        listener_batch_size=BATCH_SIZE, listener_max_await_ms=600_000, listener_stream_name=STREAM
+    )
+    listener = Listener(
+        db,  # type: ignore[arg-type]
+        publisher,
+        CheckpointStore(checkpoint_db),
+        settings=settings,
+        summary_seconds=3600,
+    )
+    db.listener = listener
+    code = listener.run()
+    if code != 0:
+        raise RuntimeError(f"listener exited with {code}")
+    return listener
+
+
+# -- numbers -------------------------------------------------------------------------------------
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (0-100), nearest rank; values need not be sorted."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
