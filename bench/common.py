@@ -42,7 +42,8 @@ def machine() -> str:
     return (
         f"machine: {os.cpu_count()} cores ({cpu}, {platform.system()} {platform.release()}), "
         f"Python {platform.python_version()}, redis-server {redis_version}, redis-py {redis.__version__}, "
-        f"celery {celery.__version__}, kombu {kombu.__version__}, pymongo {pymongo.version}"
+        f"celery {celery.__version__}, kombu {kombu.__version__}, pymongo {pymongo.version}; "
+        f"load average now {os.getloadavg()[0]:.2f} (other processes share these cores)"
     )
 
 
@@ -163,9 +164,13 @@ def median(values: list[float]) -> float:
 
 
 class Timer:
+    """Wall time, and this process's CPU time (less sensitive to other load on the machine)."""
+
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start

@@ -1,10 +1,11 @@
 """Bench 3: end-to-end latency, from a pymongo write to the task starting on a worker, at fixed rates.
 
-Not a test. Usage: python -m bench.latency [--rates 50,200,1000] [--seconds 5] [--max-await-ms 500]
+Not a test. Usage: python -m bench.latency [--rates 50,200,1000] [--seconds 4] [--max-events 1000]
+       [--max-await-ms 500]
 
 The whole pipeline as real processes (harness.pipeline.LocalPipeline: private redis-server, MongoDB
 test server, SMTP sink, 2 `celery -A worker worker` processes of 2 pool processes each) and the
-listener as a process of its own (bench.listener_proc: the Listener with PipelinedPublisher). A writer
+listener (`python -m listener`, whose default publisher is the pipelined one). A writer
 inserts orders with `insert_one` at the given rate (each insert routes to one task,
 tasks.update_analytics). The start of each task is taken from the workers' own `task-started`
 events (the ones Flower shows), matched to its write through the `task-received` event, whose
@@ -26,7 +27,6 @@ from bson import Decimal128, ObjectId
 
 from bench.common import machine, percentile
 from harness.pipeline import LocalPipeline
-from harness.processes import python_module
 
 DOC_ID = re.compile(r"'documentKey': \{'_id': ObjectId\('([0-9a-f]{24})'\)")
 
@@ -40,6 +40,7 @@ class TaskEvents:
         self.pubsub.psubscribe("*celeryev/task.*")
         self.doc_of: dict[str, str] = {}  # task id -> document id (from task-received)
         self.started: dict[str, float] = {}  # task id -> timestamp
+        self.runtimes: list[float] = []  # seconds, from task-succeeded events
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.stopping = False
 
@@ -57,6 +58,8 @@ class TaskEvents:
                         self.doc_of[event["uuid"]] = found.group(1)
                 elif event["type"] == "task-started":
                     self.started[event["uuid"]] = event["timestamp"]
+                elif event["type"] == "task-succeeded":
+                    self.runtimes.append(event.get("runtime") or 0.0)
 
     def start_times(self) -> dict[str, float]:
         """document id -> when its task started (for the tasks both events were seen of)."""
@@ -69,8 +72,10 @@ class TaskEvents:
         self.client.close()
 
 
-def run_rate(pipeline: LocalPipeline, events: TaskEvents, rate: float, seconds: float) -> dict[str, float]:
-    count = max(1, int(rate * seconds))
+def run_rate(
+    pipeline: LocalPipeline, events: TaskEvents, rate: float, seconds: float, max_events: int
+) -> dict[str, float]:
+    count = max(1, min(max_events, int(rate * seconds)))
     orders = pipeline.db.orders
     written: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -80,7 +85,8 @@ def run_rate(pipeline: LocalPipeline, events: TaskEvents, rate: float, seconds: 
             time.sleep(delay)
         oid = ObjectId()
         written[str(oid)] = time.time()
-        orders.insert_one({"_id": oid, "user_id": ObjectId(), "status": "pending", "total": Decimal128("9.99")})
+        order = {"_id": oid, "user_id": ObjectId(), "status": "pending", "total": Decimal128("9.99")}
+        orders.insert_one(order)
     achieved = count / (time.perf_counter() - t0)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -89,50 +95,49 @@ def run_rate(pipeline: LocalPipeline, events: TaskEvents, rate: float, seconds: 
             break
         time.sleep(0.1)
     started = events.start_times()
+    runtimes, events.runtimes = [r * 1000 for r in events.runtimes], []
     latencies = [(started[doc] - at) * 1000 for doc, at in written.items() if doc in started]
     return {
         "rate": rate, "achieved": achieved, "events": count, "measured": len(latencies),
         "p50": percentile(latencies, 50), "p95": percentile(latencies, 95), "p99": percentile(latencies, 99),
-        "max": max(latencies, default=float("nan")),
+        "max": max(latencies, default=float("nan")), "task_ms_p50": percentile(runtimes, 50),
     }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="50,200,1000")
-    parser.add_argument("--seconds", type=float, default=5.0, help="writing time per rate")
+    parser.add_argument("--seconds", type=float, default=4.0, help="writing time per rate")
+    parser.add_argument("--max-events", type=int, default=1000, help="at most this many writes per rate")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-await-ms", type=int, default=500, help="LISTENER_MAX_AWAIT_MS")
     args = parser.parse_args(argv)
     print("== 3. end-to-end latency (pymongo insert_one -> task-started on a worker)")
     print(machine())
     print(
-        f"{args.workers} celery workers x 2 pool processes, listener = Listener + PipelinedPublisher, "
+        f"{args.workers} celery workers x 2 pool processes, listener: python -m listener (pipelined), "
         f"LISTENER_MAX_AWAIT_MS={args.max_await_ms}"
     )
     rows = []
-    pipeline = LocalPipeline(workers=args.workers).start(listener=False)  # with: would start it again
+    extra_env = {"LISTENER_MAX_AWAIT_MS": str(args.max_await_ms)}
+    pipeline = LocalPipeline(workers=args.workers, extra_env=extra_env).start()
     try:
         assert pipeline.redis is not None
-        env = {**pipeline.env, "LISTENER_MAX_AWAIT_MS": str(args.max_await_ms)}
-        listener = python_module("bench-listener", "bench.listener_proc", env=env, ready="listener ready")
-        listener.start(timeout=60)
         events = TaskEvents(pipeline.redis.url)
         events.thread.start()
         try:
             for rate in (float(r) for r in args.rates.split(",")):
-                row = run_rate(pipeline, events, rate, args.seconds)
+                row = run_rate(pipeline, events, rate, args.seconds, args.max_events)
                 rows.append(row)
                 print(
                     f"target {row['rate']:>6,.0f} ev/s, achieved {row['achieved']:>6,.0f} ev/s "
                     f"({int(row['measured']):,}/{int(row['events']):,} tasks seen) | "
                     f"p50 {row['p50']:6.1f} ms | p95 {row['p95']:6.1f} ms | p99 {row['p99']:6.1f} ms | "
-                    f"max {row['max']:6.1f} ms",
+                    f"max {row['max']:6.1f} ms | task runtime p50 {row['task_ms_p50']:6.1f} ms",
                     flush=True,
                 )
         finally:
             events.close()
-            listener.stop()
     finally:
         pipeline.stop()
     return {"rows": rows}

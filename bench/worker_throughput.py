@@ -46,8 +46,7 @@ def run_once(server: RedisServer, processes: int, count: int, offset: int) -> fl
     app.conf.update(celery_config(Settings(celery_broker_url=server.url)))
     client = redis.Redis.from_url(server.url)
     messages = [
-        Message(TASK, dedup_key(event["_id"], TASK), event)
-        for event in change_events(count, start=offset)
+        Message(TASK, dedup_key(event["_id"], TASK), event) for event in change_events(count, start=offset)
     ]
     publisher = PipelinedPublisher(app)
     worker.start(timeout=60)

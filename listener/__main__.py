@@ -114,7 +114,7 @@ def run(argv: Sequence[str]) -> int:
         from listener.checkpoints import CheckpointStore
         from listener.health import HealthFile, default_path
         from listener.lease import Lease
-        from listener.publish import CeleryPublisher
+        from listener.publish import make_publisher
         from listener.stream import Listener
         from worker.settings import get_settings
 
@@ -133,7 +133,7 @@ def run(argv: Sequence[str]) -> int:
         health_path = args.health_file or settings.listener_health_file or default_path(stream)
         listener = Listener(
             db,
-            CeleryPublisher(),
+            make_publisher(settings),
             CheckpointStore(db),
             settings=settings,
             idle_checkpoint_seconds=args.idle_checkpoint_interval,

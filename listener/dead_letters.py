@@ -397,7 +397,8 @@ def _show(args: argparse.Namespace, collection: Collection, out: Any) -> int:
 
 
 def _replay(args: argparse.Namespace, db: Database, out: Any) -> int:
-    from listener.publish import CeleryPublisher
+    from listener.publish import make_publisher
+    from worker.settings import get_settings
 
     collection = db[COLLECTION]
     if args.ids:
@@ -405,7 +406,7 @@ def _replay(args: argparse.Namespace, db: Database, out: Any) -> int:
     else:
         query = {} if args.all else letter_filter(task=args.task, reason=args.reason, since=args.since)
         letters = find_letters(collection, query)[::-1]  # the oldest failure first
-    report = replay(letters, db, CeleryPublisher(), refresh=args.refresh, dry_run=args.dry_run)
+    report = replay(letters, db, make_publisher(get_settings()), refresh=args.refresh, dry_run=args.dry_run)
     print_report(report, args.dry_run, out)
     return EXIT_UNAVAILABLE if report.unavailable else EXIT_OK
 

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from celery import Celery
     from pymongo.database import Database
 
+    from worker.settings import Settings
+
 # What a broker outage looks like from kombu/redis-py. kombu re-raises most connection errors as its
 # OperationalError; the rest are listed so none of them escapes as "unexpected".
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
@@ -155,3 +157,12 @@ def storable(value: Any, serializer: str = "json") -> Any:
     except ENCODE_ERRORS:
         return repr(value)
     return value
+
+
+def make_publisher(settings: Settings) -> Publisher:
+    """The publisher LISTENER_PUBLISHER names: "pipelined" (default) or "celery"."""
+    if settings.listener_publisher == "celery":
+        return CeleryPublisher()
+    from listener.pipelined import PipelinedPublisher  # imports this module: import here, not at the top
+
+    return PipelinedPublisher()

@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
         from pymongo.errors import ConfigurationError, PyMongoError
 
         from listener.gaps import GapStore
-        from listener.publish import BrokerUnavailable, CeleryPublisher
+        from listener.publish import BrokerUnavailable, make_publisher
         from listener.routes import ROUTES
         from worker.settings import get_settings
 
@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
         if until < since:
             raise UsageError(f"empty window: {until.isoformat()} is before {since.isoformat()}")
         counts = reconcile(
-            db, CeleryPublisher(), ROUTES, since, until, resumed_at=resumed_at,
+            db, make_publisher(settings), ROUTES, since, until, resumed_at=resumed_at,
             dry_run=args.dry_run, batch_size=settings.listener_batch_size, out=out,
         )  # fmt: skip
         verb = "would publish" if args.dry_run else "published"

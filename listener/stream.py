@@ -74,6 +74,16 @@ RESUMABLE_CODES = frozenset(
 )
 
 
+def buffered_events(stream: ChangeStream[Any]) -> int:
+    """How many events pymongo holds for `stream` already, readable without a getMore.
+
+    pymongo has no public API for this, so it reads the command cursor's buffer; should that change
+    in a later pymongo, the answer is "unknown" (1), and batches fill up to max-await time as before.
+    """
+    buffer = getattr(getattr(stream, "_cursor", None), "_data", None)
+    return len(buffer) if buffer is not None else 1
+
+
 def is_resumable(exc: PyMongoError) -> bool:
     """Whether reopening the stream after `exc` can succeed (else the listener must stop)."""
     if isinstance(exc, ConnectionFailure):
@@ -379,9 +389,11 @@ class Listener:
     def _collect(self, stream: ChangeStream[Any]) -> tuple[list[Mapping[str, Any]], ResumeToken | None]:
         """Up to batch-size events and the resume token after them.
 
-        Stops early when the stream is idle (try_next returned None) or after max-await time, so a
-        slow trickle of events is still published promptly. If reading fails, the events read so far
-        are dropped with the error: the stream reopens before them and reads them again.
+        Stops early when the stream is idle (try_next returned None), when the events the server
+        already sent are used up (the next try_next would wait on a getMore: a slow trickle of events
+        is published at once instead of after max-await time), or after max-await time. If reading
+        fails, the events read so far are dropped with the error: the stream reopens before them and
+        reads them again.
         """
         events: list[Mapping[str, Any]] = []
         deadline = time.monotonic() + self.settings.listener_max_await_ms / 1000
@@ -390,7 +402,7 @@ class Listener:
             if event is None or event.get("operationType") == "invalidate":
                 break  # after an invalidate the stream is closed: _follow reopens it
             events.append(event)
-            if time.monotonic() >= deadline:
+            if not buffered_events(stream) or time.monotonic() >= deadline:
                 break
         return events, stream.resume_token
 

@@ -42,6 +42,9 @@ class Settings:
     listener_batch_size: int = 500
     listener_max_await_ms: int = 500
     listener_stream_name: str = "changeflow"
+    # How task messages reach Redis: "pipelined" (a batch per round trip, listener/pipelined.py) or
+    # "celery" (app.send_task per message). Workers see the same messages either way.
+    listener_publisher: str = "pipelined"
     # What to do when the checkpoint is no longer in the oplog: "fail" (record the gap, exit 3) or
     # "resume-now" (record the gap, start from now, keep running). docs/listener.md, "History lost".
     listener_on_history_lost: str = "fail"
@@ -64,6 +67,10 @@ class Settings:
         if self.listener_on_history_lost not in ("fail", "resume-now"):
             raise SettingsError(
                 f"LISTENER_ON_HISTORY_LOST must be fail or resume-now, got {self.listener_on_history_lost!r}"
+            )
+        if self.listener_publisher not in ("pipelined", "celery"):
+            raise SettingsError(
+                f"LISTENER_PUBLISHER must be pipelined or celery, got {self.listener_publisher!r}"
             )
         if not 1 <= self.listener_lease_renew_seconds < self.listener_lease_ttl_seconds:
             raise SettingsError(

@@ -22,7 +22,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +59,10 @@ FAST_REDELIVERY = {
 @dataclass(frozen=True)
 class Options:
     seed: int = 4
-    log_root: Path | None = None
+    log_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="changeflow-faults-")))
 
     def log_dir(self, number: int) -> Path:
-        root = self.log_root or Path(tempfile.mkdtemp(prefix="changeflow-faults-"))
-        return root / f"scenario-{number}"
+        return self.log_root / f"scenario-{number}"
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,7 @@ def settle(
     result.check(
         "lost == 0",
         comparison.lost == 0,
-        f"{comparison.lost} of {comparison.expected} expected effects never observed",
+        f"{comparison.lost} of {comparison.expected} expected effects missing: {missing(expected, effects)}",
     )
     result.check(
         "doubled DB effects == 0",
@@ -170,6 +169,23 @@ def settle(
         f"{extra} extra emails, {effects.doubled_emails} of them same-Message-ID copies",
     )
     return effects
+
+
+def missing(expected: Expected, effects: Effects, limit: int = 5) -> str:
+    """The first few expected effects that were not observed, e.g. `welcome user7@example.test`."""
+    kinds = (
+        ("welcome", expected.welcome, effects.welcome),
+        ("shipping", expected.shipping, effects.shipping),
+        ("profile", expected.profiles, effects.profiles),
+        ("analytics", expected.status_counts, effects.status_counts),
+    )
+    gone = [
+        f"{kind} {key} ({got.get(key, 0)} of {count})"
+        for kind, want, got in kinds
+        for key, count in want.items()
+        if got.get(key, 0) < count
+    ]
+    return ", ".join(gone[:limit]) + (" ..." if len(gone) > limit else "")
 
 
 def check_no_doubled_emails(result: Result, effects: Effects) -> None:
@@ -237,7 +253,7 @@ def listener_killed(options: Options, result: Result) -> None:
 
 def worker_killed(options: Options, result: Result) -> None:
     work = standard_workload(result)
-    flag = Path(tempfile.mkdtemp(prefix="changeflow-slow-")) / "slow"
+    flag = options.log_dir(result.number) / "slow.flag"  # kept with the logs; absent = tasks run normally
     env = {**FAST_REDELIVERY, FLAG_ENV: str(flag), DELAY_ENV: "2000"}
     with pipeline(result, options, worker_app=FAULT_WORKER, extra_env=env) as p:
         victim = p.workers[0]

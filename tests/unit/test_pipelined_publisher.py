@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
+import uuid
 from typing import Any
 
 import pytest
 import redis
-from bson import ObjectId
+from bson import Binary, Decimal128, Int64, ObjectId, Timestamp
+from bson.code import Code
 from bson.regex import Regex
+from bson.son import SON
 from celery import Celery
 
 from listener.pipelined import LPUSH_CHUNK, PipelinedPublisher, summary_argsrepr
@@ -130,3 +134,32 @@ def test_summary_argsrepr_names_the_event_not_the_document() -> None:
     assert summary.startswith("[{'_id': {'_data': '82000007'}, 'operationType': 'insert', 'ns': ")
     assert "ObjectId(" in summary and summary.endswith(", ...}]")
     assert "email" not in summary
+
+
+def test_the_fast_body_encoder_matches_the_registered_serializer() -> None:
+    from kombu.serialization import dumps
+
+    import worker.app  # noqa: F401  (registers the BSON types)
+    from listener.pipelined import fast_json_matches, plain_json
+
+    assert fast_json_matches()
+    payloads = [messages_for(event(i, coll))[0].payload for i in range(20) for coll in ("users",)] + [
+        {"k": Int64(2**40), "nested": [{"a": Decimal128("1E+3")}, ("t", b"\x80")], "u": uuid.uuid4()},
+        {
+            "when": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+            "bin": Binary(b"\x01\x02", 0),
+            "ts": Timestamp(1, 2),
+        },
+        SON([("b", 1), ("a", ObjectId())]),
+    ]
+    for payload in payloads:
+        body = ([payload], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+        assert json.dumps(plain_json(body)) == dumps(body, serializer="json")[2]
+
+
+def test_types_the_fast_encoder_does_not_know_go_to_the_serializer() -> None:
+    client = FakeRedis()
+    bad = event(2)
+    bad["fullDocument"]["script"] = Code("return 1")  # refused by worker.serialization, with its path
+    rejected = PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages_for(bad))  # type: ignore[arg-type]
+    assert len(rejected) == 2 and "fullDocument.script" in rejected[0].error
