@@ -58,7 +58,13 @@ class IdempotentTask(Task):
                 self._dead_letter_current(exc, "retries_exhausted", args, kwargs)
                 raise
             delay = retry_delay(request.retries, get_settings().retry_backoff_max)
-            raise self.retry(exc=exc, countdown=delay) from exc
+            try:
+                retry = self.retry(exc=exc, countdown=delay, throw=False)
+            except Reject as reject:
+                # Celery could not publish the retry (the broker is down too) and would drop the
+                # message (requeue=False): hand it back instead, it runs again once the broker is back.
+                raise Reject(reject.reason, requeue=True) from exc
+            raise retry from exc
         except Exception as exc:
             # PermanentTaskError, or a bug / bad data the same input hits again: retrying cannot help.
             self._dead_letter_current(exc, "permanent", args, kwargs)

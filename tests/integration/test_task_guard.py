@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import redis
 from bson import ObjectId
-from celery.exceptions import Retry, TimeLimitExceeded
+from celery._state import _task_stack
+from celery.exceptions import Reject, Retry, TimeLimitExceeded
 from pymongo.database import Database
 
 from harness.ports import free_port
@@ -89,6 +90,33 @@ def test_a_lease_retry_is_republished_with_the_same_id_and_retry_count(
     assert (headers["id"], headers["task"], headers["retries"]) == (key, "tasks.send_welcome_email", 1)
     assert headers["eta"] is not None  # later, not right away
     broker.close()
+
+
+def test_a_retry_the_broker_refuses_hands_the_message_back_instead_of_dropping_it(
+    redis_server: RedisServer, mongodb_uri: str, db: Database, smtp: SmtpSink
+) -> None:
+    # The dedup store answers, the broker does not: the retry of a transient failure cannot be sent.
+    env = servers(redis_server, smtp, MONGODB_URI=mongodb_uri, MONGODB_DB=db.name)
+    env |= {"CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "REDIS_URL": redis_server.url}
+    with configured(**env):
+        event, key = welcome_event()
+        smtp.fail_next(1)  # 451: transient, so the guard asks Celery to retry
+        _task_stack.push(send_welcome_email)  # as a worker's tracer does (current_task)
+        send_welcome_email.push_request(
+            id=key, args=[event], kwargs={}, retries=0, is_eager=False, called_directly=False,
+            delivery_info={"exchange": "", "routing_key": "celery"},
+        )  # fmt: skip
+        try:
+            with pytest.raises(Reject) as rejected:
+                send_welcome_email(event)
+        finally:
+            send_welcome_email.pop_request()
+            _task_stack.pop()
+
+        assert rejected.value.requeue is True  # Celery's own retry would have dropped it (requeue=False)
+        store = get_dedup_store()
+        assert not store.is_done(key)
+        assert store.lease_owner(key) is None  # released: the requeued message can run at once
 
 
 def test_an_expired_lease_does_not_wedge_the_key(worker: Settings, smtp: SmtpSink) -> None:
