@@ -464,7 +464,9 @@ def _first_write_error(reply: dict[str, Any]) -> MongoError:
     """In a transaction a write error aborts it; mongod reports it as the command's error."""
     err = reply["writeErrors"][0]
     extra = {k: v for k, v in err.items() if k in ("keyPattern", "keyValue")}
-    return MongoError(err["code"], err["errmsg"], extra=extra)
+    # A write conflict inside a transaction is transient, as on mongod: the driver retries it.
+    labels = ["TransientTransactionError"] if err["code"] == 112 else None
+    return MongoError(err["code"], err["errmsg"], labels=labels, extra=extra)
 
 
 @command("update")

@@ -566,13 +566,18 @@ def _project(doc: dict[str, Any] | None, fields: dict[str, Any] | None) -> dict[
     return scratch.find_one({}, fields)
 
 
-def copy_collection(src: mongomock.Collection, dst: mongomock.Collection) -> None:
-    """Documents and index definitions of src into the (empty) dst."""
+def copy_indexes(src: mongomock.Collection, dst: mongomock.Collection) -> None:
+    """Index definitions of src (other than _id_) onto dst."""
     for name, info in src.index_information().items():
         if name == "_id_":
             continue
         kwargs = {k: v for k, v in info.items() if k in ("unique", "sparse", "partialFilterExpression")}
         dst.create_index(info["key"], name=name, **kwargs)
+
+
+def copy_collection(src: mongomock.Collection, dst: mongomock.Collection) -> None:
+    """Documents and index definitions of src into the (empty) dst."""
+    copy_indexes(src, dst)
     docs = list(src.find())
     if docs:
         dst.insert_many(docs)
