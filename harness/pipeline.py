@@ -42,6 +42,8 @@ class LocalPipeline:
         oplog_size: int | None = None,
         extra_env: dict[str, str] | None = None,
         log_dir: Path | None = None,
+        worker_app: str = "worker",
+        durable_broker: bool = False,
     ) -> None:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="changeflow-run-"))
         self.worker_count = workers
@@ -49,6 +51,9 @@ class LocalPipeline:
         self.flower_port = flower_port
         self.oplog_size = oplog_size
         self.extra_env = extra_env or {}
+        # A test app built on worker.app (the fault suite's), and Redis with AOF (appendfsync always).
+        self.worker_app = worker_app
+        self.durable_broker = durable_broker
         # A real server is shared: work in a database of our own and drop only that one.
         self.external_mongodb_uri = mongodb_uri if mongodb_uri is not None else os.environ.get("MONGODB_URI")
         self.db_name = f"changeflow_{uuid.uuid4().hex[:10]}" if self.external_mongodb_uri else "changeflow"
@@ -64,7 +69,7 @@ class LocalPipeline:
     # -- start and stop ---------------------------------------------------------------------
     def start(self, *, listener: bool = True) -> LocalPipeline:
         try:
-            self.redis = RedisServer().start()
+            self.redis = RedisServer(appendonly=self.durable_broker).start()
             if self.external_mongodb_uri:
                 self.mongodb_uri = self.external_mongodb_uri
             else:
@@ -102,7 +107,9 @@ class LocalPipeline:
         return self.listener
 
     def start_worker(self, name: str) -> ManagedProcess:
-        worker = worker_process(self.env, name, concurrency=self.worker_concurrency, log_dir=self.log_dir)
+        worker = worker_process(
+            self.env, name, app=self.worker_app, concurrency=self.worker_concurrency, log_dir=self.log_dir
+        )
         self.workers.append(worker.start(timeout=60))
         return worker
 

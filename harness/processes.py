@@ -150,10 +150,16 @@ def listener_process(
 
 
 def worker_process(
-    env: Mapping[str, str], name: str, *, concurrency: int = 2, log_dir: Path | None = None
+    env: Mapping[str, str],
+    name: str,
+    *,
+    app: str = "worker",
+    concurrency: int = 2,
+    log_dir: Path | None = None,
 ) -> ManagedProcess:
+    """`celery -A <app> worker` (app: changeflow's `worker`, or a test app built on it)."""
     args = [
-        "-A", "worker", "worker", "--loglevel", "INFO", "--concurrency", str(concurrency),
+        "-A", app, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency),
         "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip",
     ]  # fmt: skip
     return python_module(name, "celery", *args, env=env, ready=r"ready\.", log_dir=log_dir)

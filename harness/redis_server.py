@@ -18,9 +18,9 @@ class RedisServer:
     """Runs `redis-server` on 127.0.0.1 and a port of its own; the data lives in a temporary dir.
 
     Persistence is off by default: stop() loses the data, as a crashed broker without AOF would;
-    restart() comes back on the same port so clients reconnect. With `appendonly=True` (or after
-    `enable_appendonly()`) every write is in the append-only file before Redis answers
-    (`appendfsync always`) and a restart comes back with the data: a durable broker.
+    restart() comes back on the same port so clients reconnect. With `appendonly=True` every write is
+    in the append-only file before Redis answers (`appendfsync always`) and a restart comes back with
+    the data: a durable broker.
     """
 
     def __init__(
@@ -65,28 +65,6 @@ class RedisServer:
             finally:
                 client.close()
         return self
-
-    def enable_appendonly(self, timeout: float = 10.0) -> None:
-        """Make the running server durable from now on (AOF, fsync on every write); restarts keep it.
-
-        Redis switches on AOF by rewriting the file from its current data; this waits until that is done.
-        """
-        self.appendonly = True
-        client = redis.Redis.from_url(self.url, socket_timeout=5)
-        try:
-            client.config_set("appendfsync", "always")
-            client.config_set("appendonly", "yes")
-            deadline = time.monotonic() + timeout
-            while True:
-                info = client.info("persistence")
-                busy = info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]
-                if info["aof_enabled"] and not busy:
-                    return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis-server on port {self.port} did not enable AOF in {timeout}s")
-                time.sleep(0.05)
-        finally:
-            client.close()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

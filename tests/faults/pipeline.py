@@ -1,9 +1,8 @@
 """harness.pipeline.LocalPipeline with what the fault scenarios add to it.
 
-- `worker_app`: start the workers as `celery -A <module> worker` (tests.faults.fault_worker for the
-  worker-kill scenario); the default is changeflow's own `worker`.
-- `durable_broker`: switch redis-server to AOF with `appendfsync always` once it runs, so a restart
-  keeps the queue, the unacked messages and the dedup records, as a production broker must.
+(LocalPipeline itself takes `worker_app`, the fault suite's worker app, and `durable_broker`, Redis
+with AOF and `appendfsync always`, so a restart keeps the queue, the unacked messages and the dedup
+records, as a production broker must.)
 - more listener processes (a standby) that it stops with the rest and whose logs it includes.
 - the broker's backlog (queued plus unacked messages), to know when redeliveries are over.
 - a parallel shutdown: stopping 2 Celery workers one after the other costs seconds per scenario.
@@ -18,7 +17,7 @@ from typing import Any
 import redis
 
 from harness.pipeline import LocalPipeline
-from harness.processes import ManagedProcess, listener_process, worker_process
+from harness.processes import ManagedProcess, listener_process
 
 # kombu's Redis transport: the queue is a list named after it (plus priority lists "celery\x06\x16N"),
 # messages delivered but not acked yet live in the hash "unacked" until ack or visibility timeout.
@@ -27,38 +26,16 @@ UNACKED = "unacked"
 
 
 class FaultPipeline(LocalPipeline):
-    def __init__(self, *, worker_app: str = "worker", durable_broker: bool = False, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.worker_app = worker_app
-        self.durable_broker = durable_broker
         self.extra_listeners: list[ManagedProcess] = []
         self.crashes: list[str] = []  # what the supervisor restarted: "worker1: <last error line>"
         self._supervising = threading.Event()
         self._supervisor: threading.Thread | None = None
 
-    def start(self, *, listener: bool = True) -> FaultPipeline:
-        super().start(listener=False)
-        try:
-            assert self.redis is not None
-            if self.durable_broker:
-                self.redis.enable_appendonly()
-            if listener:
-                self.start_listener()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def __enter__(self) -> FaultPipeline:
-        return self.start()
-
-    def start_worker(self, name: str) -> ManagedProcess:
-        if self.worker_app == "worker":
-            return super().start_worker(name)
-        worker = worker_process(self.env, name, concurrency=self.worker_concurrency, log_dir=self.log_dir)
-        worker.args[worker.args.index("-A") + 1] = self.worker_app
-        self.workers.append(worker.start(timeout=60))
-        return worker
+        self.start()
+        return self
 
     def start_listener(self, *args: str, name: str = "listener") -> ManagedProcess:
         return super().start_listener(*args, *self._health_file(name), name=name)

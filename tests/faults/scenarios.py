@@ -14,6 +14,8 @@ Every scenario runs the same way:
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 import re
 import tempfile
@@ -130,8 +132,13 @@ def settle(
     since: float,
     dead_letters: int = 0,
     drain_timeout: float = DRAIN_TIMEOUT,
+    explain_lost: Callable[[Expected, Effects], list[str]] | None = None,
 ) -> Effects:
-    """Steps 3 and 4 of the module docstring; fills the row and checks lost and doubled DB effects."""
+    """Steps 3 and 4 of the module docstring; fills the row and checks lost and doubled DB effects.
+
+    `explain_lost` names lost effects that a stated, documented limit accounts for (each with its
+    evidence); they stay in the row's `lost` column and in its notes, and only the rest fail the check.
+    """
     assert p.sink is not None
     _, recovered_at = wait_for_effects(p, expected, timeout=RECOVER_TIMEOUT, dead_letters=dead_letters)
     result.recover_seconds = None if recovered_at is None else max(0.0, recovered_at - since)
@@ -147,9 +154,11 @@ def settle(
     result.lost, result.doubled_db = comparison.lost, comparison.doubled_db
     result.doubled_emails = effects.doubled_emails
     result.dead_letters = len(effects.dead_letters)
+    explained = explain_lost(expected, effects) if explain_lost and comparison.lost else []
+    result.notes.extend(explained)
     result.check(
-        "lost == 0",
-        comparison.lost == 0,
+        "lost == 0" + (" (besides the explained broker losses in the notes)" if explained else ""),
+        comparison.lost - len(explained) == 0,
         f"{comparison.lost} of {comparison.expected} expected effects missing: {missing(expected, effects)}",
     )
     result.check(
@@ -323,7 +332,10 @@ def broker_restarted(options: Options, result: Result) -> None:
         p.redis.start()  # same port, same AOF: the queue, unacked messages and dedup records are back
         restarted = time.monotonic()
         writer.finish()
-        effects = settle(p, result, Expected.of(work), since=max(restarted, writer.finished_at))
+        effects = settle(
+            p, result, Expected.of(work), since=max(restarted, writer.finished_at),
+            explain_lost=lambda expected, effects: popped_by_the_restart(p, work, effects),
+        )  # fmt: skip
         interrupted = tasks_hit_by_outage(p)
         doubled = doubled_keys(effects)
         result.check(
@@ -341,6 +353,65 @@ def broker_restarted(options: Options, result: Result) -> None:
                 f"{len(p.crashes)} worker crash(es) after the outage, restarted by the suite's supervisor "
                 f"(as systemd/compose would): {'; '.join(p.crashes)}"
             )
+
+
+def popped_by_the_restart(p: FaultPipeline, work: Workload, effects: Effects) -> list[str]:
+    """Lost user effects whose message Redis had accepted and no worker ever received.
+
+    kombu's Redis transport takes a message off the queue (BRPOP) and records it as unacked in a second
+    step; a Redis stopped between the two has applied the pop (it is in the AOF) and the message is
+    gone: the limit the README states. Evidence, per lost welcome email or profile: the LPUSH of its
+    message is in the AOF (the broker accepted it) and no worker logged `Task <name>[<id>] received`.
+    Anything else lost stays unexplained and fails the scenario.
+    """
+    assert p.redis is not None
+    received = "".join(worker.log_text(since_start=False) for worker in p.workers)
+    accepted = accepted_messages(p.redis.dir)
+    explained = []
+    no_welcome = [u["_id"] for u in work.users if effects.welcome.get(u["email"], 0) == 0]
+    no_profile = [u["_id"] for u in work.users if effects.profiles.get(u["_id"], 0) == 0]
+    for kind, task, lost_ids in (
+        ("welcome", "tasks.send_welcome_email", no_welcome),
+        ("profile", "tasks.create_profile", no_profile),
+    ):
+        for user_id in lost_ids:
+            ids = [tid for name, tid, body in accepted if name == task and str(user_id) in body]
+            if ids and all(f"{task}[{tid}] received" not in received for tid in ids):
+                explained.append(
+                    f"{kind} of user {user_id}: task {ids[0]} accepted by Redis (in its AOF), never received "
+                    "by a worker: lost in the broker's pop window at the restart (README, 'not guaranteed')"
+                )
+    return explained
+
+
+def accepted_messages(redis_dir: Path) -> list[tuple[str, str, str]]:
+    """(task name, task id, decoded body) of every message LPUSHed to Redis, read from its AOF files."""
+    messages = []
+    for path in sorted(redis_dir.glob("appendonlydir/*.aof")):
+        for command in resp_commands(path.read_bytes()):
+            if not command or command[0].upper() != b"LPUSH":
+                continue
+            for raw in command[2:]:
+                envelope = json.loads(raw)
+                headers = envelope.get("headers", {})
+                body = base64.b64decode(envelope["body"]).decode(errors="replace")
+                messages.append((headers.get("task", ""), headers.get("id", ""), body))
+    return messages
+
+
+def resp_commands(data: bytes) -> Iterator[list[bytes]]:
+    """The commands of an AOF file: RESP arrays of bulk strings, one after the other."""
+    at = 0
+    while at < len(data):
+        end = data.index(b"\r\n", at)
+        count = int(data[at + 1 : end])  # "*<count>"
+        at, args = end + 2, []
+        for _ in range(count):
+            end = data.index(b"\r\n", at)
+            size = int(data[at + 1 : end])  # "$<size>"
+            args.append(data[end + 2 : end + 2 + size])
+            at = end + 2 + size + 2
+        yield args
 
 
 TASK_ERROR = re.compile(r"Task (tasks\.\w+)\[([0-9a-f-]{36})\] (?:retry|raised|.*[Ee]rror)")
