@@ -443,10 +443,23 @@ def cmd_insert(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
     for i, doc in enumerate(docs):
         if isinstance(doc, dict) and "_id" not in doc:
             docs[i] = {"_id": ObjectId(), **doc}  # fixed here so a transaction's replay keeps the same _id
-    ordered = cmd.get("ordered", True)
+    return _counted_write(ctx, txn, "insert", storage.insert, db, coll, docs, cmd.get("ordered", True))
+
+
+def _counted_write(
+    ctx: Context,
+    txn: Transaction | None,
+    kind: str,
+    write: Callable[..., tuple[int, list[dict[str, Any]], list[ChangeRecord]]],
+    db: str,
+    coll: str,
+    statements: list[Any],
+    ordered: bool,
+) -> Reply:
+    """An insert or delete: reply {n, writeErrors}; inside a transaction, recorded for the commit."""
 
     def run(view: storage.View) -> tuple[dict, list[ChangeRecord]]:
-        n, errors, records = storage.insert(view, db, coll, docs, ordered)
+        n, errors, records = write(view, db, coll, statements, ordered)
         reply: dict[str, Any] = {"n": n}
         if errors:
             reply["writeErrors"] = errors
@@ -456,7 +469,7 @@ def cmd_insert(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
     if txn is not None:
         if "writeErrors" in reply:
             raise _first_write_error(reply)
-        txn.ops.append(("insert", db, coll, docs))
+        txn.ops.append((kind, db, coll, statements))
     return reply
 
 
@@ -502,21 +515,7 @@ def _pin_upsert(stmt: dict[str, Any], update_key: str, query_key: str, new_id: A
 def cmd_delete(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "delete")
     statements = list(_doc_list(cmd, "deletes"))
-    ordered = cmd.get("ordered", True)
-
-    def run(view: storage.View) -> tuple[dict, list[ChangeRecord]]:
-        n, errors, records = storage.delete(view, db, coll, statements, ordered)
-        reply: dict[str, Any] = {"n": n}
-        if errors:
-            reply["writeErrors"] = errors
-        return reply, records
-
-    reply = _run_write(ctx, txn, run)
-    if txn is not None:
-        if "writeErrors" in reply:
-            raise _first_write_error(reply)
-        txn.ops.append(("delete", db, coll, statements))
-    return reply
+    return _counted_write(ctx, txn, "delete", storage.delete, db, coll, statements, cmd.get("ordered", True))
 
 
 @command("findAndModify", "findandmodify")
