@@ -20,13 +20,13 @@ from bench import latency, listener_throughput, memory, worker_throughput
 FULL: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
     "1": (listener_throughput.main, []),
     "2": (worker_throughput.main, []),
-    "3": (latency.main, ["--max-await-ms", "20"]),
+    "3": (latency.main, []),
     "4": (memory.main, []),
 }
 QUICK: dict[str, list[str]] = {
-    "1": ["--sizes", "200", "--naive-max", "100", "--stream-sizes", "100"],
+    "1": ["--sizes", "200", "--naive-max", "100", "--repeat", "1", "--stream-sizes", "100"],
     "2": ["--tasks", "20", "--processes", "1"],
-    "3": ["--rates", "20", "--seconds", "0.5", "--workers", "1", "--max-await-ms", "20"],
+    "3": ["--rates", "20", "--seconds", "0.5", "--workers", "1"],
     "4": ["--sizes", "100,200"],
 }
 

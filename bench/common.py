@@ -28,7 +28,7 @@ from listener.stream import Listener
 from worker.settings import Settings
 
 STREAM = "bench"
-BATCH_SIZE = 500  # LISTENER_BATCH_SIZE's default: one publish and one checkpoint per 500 events
+BATCH_SIZE = 500  # LISTENER_BATCH_SIZE's default: one publish round trip per 500 events
 
 
 def machine() -> str:
@@ -88,6 +88,16 @@ def change_events(count: int, *, start: int = 0) -> Iterator[dict[str, Any]]:
 
 
 # -- driving the real Listener from an iterator ------------------------------------------------
+class CountingCheckpointStore(CheckpointStore):
+    """A real CheckpointStore that counts its writes."""
+
+    saves = 0
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        super().save(*args, **kwargs)
+        self.saves += 1
+
+
 class _IteratorStream:
     """Stands in for pymongo's ChangeStream: hands out the events, then stops the listener."""
 
@@ -128,17 +138,26 @@ class _IteratorDatabase:
 def run_listener_core(
     events: Iterable[Mapping[str, Any]], publisher: Publisher, checkpoint_db: Database
 ) -> Listener:
-    """changeflow's `Listener` (listener/stream.py) over `events`: routing, payload, dedup keys, publish
-    and one checkpoint (into `checkpoint_db`, a real CheckpointStore) per batch of BATCH_SIZE events.
-    Returns the listener once it has delivered every event, for its stats."""
+    """changeflow's `Listener` (listener/stream.py) over `events`: routing, payload, dedup keys, a
+    publish per batch of BATCH_SIZE events, and checkpoints as the listener saves them by default (into
+    `checkpoint_db`, a real CheckpointStore). Returns the listener once it has delivered every event,
+    for its stats; `listener.checkpoints.saves` counts the checkpoint writes."""
     db = _IteratorDatabase(checkpoint_db.name, events)
+    checkpoints = CountingCheckpointStore(checkpoint_db)
+    # A first start every time: runs over the same events would otherwise find their last position
+    # saved already, and skip the final save.
+    checkpoints.collection.delete_many({"_id": STREAM})
     settings = Settings(
-        listener_batch_size=BATCH_SIZE, listener_max_await_ms=600_000, listener_stream_name=STREAM
+        listener_batch_size=BATCH_SIZE,
+        listener_max_await_ms=600_000,
+        listener_stream_name=STREAM,
+        # The default (1 s): a save per second while events flow, and one on stop.
+        listener_checkpoint_interval_ms=Settings.listener_checkpoint_interval_ms,
     )
     listener = Listener(
         db,  # type: ignore[arg-type]
         publisher,
-        CheckpointStore(checkpoint_db),
+        checkpoints,
         settings=settings,
         summary_seconds=3600,
     )

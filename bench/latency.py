@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import multiprocessing
 import re
-import threading
 import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 import redis
@@ -32,44 +33,65 @@ DOC_ID = re.compile(r"'documentKey': \{'_id': ObjectId\('([0-9a-f]{24})'\)")
 
 
 class TaskEvents:
-    """Follows the workers' task events (Redis pub/sub) in a thread: doc id -> task start time."""
+    """Follows the workers' task events (Redis pub/sub) in a process of its own.
+
+    Not a thread of the writer's process: parsing every event there would hold the GIL between the
+    writer's clock reading and its insert_one, adding to the very latency being measured.
+    """
 
     def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.psubscribe("*celeryev/task.*")
-        self.doc_of: dict[str, str] = {}  # task id -> document id (from task-received)
-        self.started: dict[str, float] = {}  # task id -> timestamp
-        self.runtimes: list[float] = []  # seconds, from task-succeeded events
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.stopping = False
+        self.url = url
+        self._conn, child = multiprocessing.Pipe()
+        self.process = multiprocessing.Process(target=_follow_events, args=(url, child), daemon=True)
 
-    def _run(self) -> None:
-        while not self.stopping:
-            message = self.pubsub.get_message(timeout=0.2)
-            if message is None:
-                continue
-            body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
-            # Workers buffer task events and send them in groups (a list); sent events come alone.
-            for event in body if isinstance(body, list) else [body]:
-                if event["type"] == "task-received":
-                    found = DOC_ID.search(event.get("args") or "")
-                    if found:
-                        self.doc_of[event["uuid"]] = found.group(1)
-                elif event["type"] == "task-started":
-                    self.started[event["uuid"]] = event["timestamp"]
-                elif event["type"] == "task-succeeded":
-                    self.runtimes.append(event.get("runtime") or 0.0)
+    def start(self) -> None:
+        self.process.start()
+        if not self._conn.poll(10) or self._conn.recv() != "subscribed":
+            raise RuntimeError("the task event follower did not start")
 
-    def start_times(self) -> dict[str, float]:
-        """document id -> when its task started (for the tasks both events were seen of)."""
-        return {self.doc_of[t]: ts for t, ts in list(self.started.items()) if t in self.doc_of}
+    def snapshot(self) -> tuple[dict[str, float], list[float]]:
+        """(document id -> when its task started, task runtimes in seconds since the last snapshot)."""
+        self._conn.send("snapshot")
+        started, runtimes = self._conn.recv()
+        return started, runtimes
 
     def close(self) -> None:
-        self.stopping = True
-        self.thread.join(5)
-        self.pubsub.close()
-        self.client.close()
+        if self.process.is_alive():
+            self._conn.send("stop")
+            self.process.join(5)
+
+
+def _follow_events(url: str, conn: Connection) -> None:
+    client = redis.Redis.from_url(url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe("*celeryev/task.*")
+    conn.send("subscribed")
+    doc_of: dict[str, str] = {}  # task id -> document id (from task-received)
+    started: dict[str, float] = {}  # task id -> timestamp
+    runtimes: list[float] = []  # seconds, from task-succeeded events
+    while True:
+        if conn.poll():
+            request = conn.recv()
+            if request == "stop":
+                break
+            conn.send(({doc_of[t]: ts for t, ts in started.items() if t in doc_of}, runtimes))
+            runtimes = []
+        message = pubsub.get_message(timeout=0.05)
+        if message is None:
+            continue
+        body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
+        # Workers buffer task events and send them in groups (a list); sent events come alone.
+        for event in body if isinstance(body, list) else [body]:
+            if event["type"] == "task-received":
+                found = DOC_ID.search(event.get("args") or "")
+                if found:
+                    doc_of[event["uuid"]] = found.group(1)
+            elif event["type"] == "task-started":
+                started[event["uuid"]] = event["timestamp"]
+            elif event["type"] == "task-succeeded":
+                runtimes.append(event.get("runtime") or 0.0)
+    pubsub.close()
+    client.close()
 
 
 def run_rate(
@@ -89,13 +111,14 @@ def run_rate(
         orders.insert_one(order)
     achieved = count / (time.perf_counter() - t0)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        started = events.start_times()
-        if all(doc in started for doc in written):
+    seen: list[float] = []
+    while True:
+        started, runtimes = events.snapshot()
+        seen += runtimes
+        if all(doc in started for doc in written) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    started = events.start_times()
-    runtimes, events.runtimes = [r * 1000 for r in events.runtimes], []
+    runtimes = [r * 1000 for r in seen]
     latencies = [(started[doc] - at) * 1000 for doc, at in written.items() if doc in started]
     return {
         "rate": rate, "achieved": achieved, "events": count, "measured": len(latencies),
@@ -124,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         assert pipeline.redis is not None
         events = TaskEvents(pipeline.redis.url)
-        events.thread.start()
+        events.start()
         try:
             for rate in (float(r) for r in args.rates.split(",")):
                 row = run_rate(pipeline, events, rate, args.seconds, args.max_events)

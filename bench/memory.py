@@ -3,8 +3,8 @@
 Not a test. Usage: python -m bench.memory [--sizes 1000,10000,100000]
 
 Each size runs in a fresh process (`python -m bench.memory --child N`): the listener core of bench 1
-(the real Listener loop, PipelinedPublisher, a checkpoint per 500 events into the MongoDB test
-server) over N events generated lazily, so the input does not grow with N. The child reports its RSS
+(the real Listener loop, PipelinedPublisher, checkpoints into the MongoDB test server as by
+default) over N events generated lazily, so the input does not grow with N. The child reports its RSS
 before the run (after imports and connections) and its peak RSS (VmHWM).
 """
 

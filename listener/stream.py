@@ -2,8 +2,9 @@
 
 One database-level change stream, filtered server-side by the routes' `$match`. Each turn of the
 loop collects a batch of events, publishes their task messages, dead-letters the messages the
-serializer refuses, and only then moves the checkpoint. So after any crash, a restart resumes at
-or before the first event whose tasks are not in the broker: events are never lost, and an event
+serializer refuses, and only then may move the checkpoint (at most once per
+LISTENER_CHECKPOINT_INTERVAL_MS while events flow). So after any crash, a restart resumes at or
+before the first event whose tasks are not in the broker: events are never lost, and an event
 published twice carries the same task ids both times (the workers' dedup guard drops the copy).
 
 Failures:
@@ -181,6 +182,7 @@ class Listener:
         self._pending: Batch | None = None
         self._saved: ResumeToken | None = None
         self._saved_at = 0.0
+        self._unsaved_events = False  # events delivered since the last checkpoint save
         self._summary_at = 0.0
         self._open_gap: str | None = None  # a gap whose end is the next opened stream's start
         self._standby_seen: tuple[str, int] | None = None
@@ -314,6 +316,7 @@ class Listener:
         record = self.checkpoints.load_record(self.stream_name)
         self._saved = self._position = record.token if record is not None else None
         self._saved_at = time.monotonic()  # the loaded checkpoint counts as just saved
+        self._unsaved_events = False
         self._position_time, self._time_source = None, "position_time"
         if record is not None and record.token is not None:
             if record.position_time is not None:
@@ -434,7 +437,11 @@ class Listener:
             self.dead_letter(batch.rejected[0])
             batch.rejected.pop(0)
             self.stats.dead_letters += 1
-        self._checkpoint(batch.token, batch.time)
+        if self._since_saved() >= self.settings.listener_checkpoint_interval_ms / 1000:
+            self._checkpoint(batch.token, batch.time)
+        else:
+            # Delivered, so `_position` (this batch's end) may be saved; the next due save does it.
+            self._unsaved_events = True
         self._pending = None
 
     def _advance(self, token: ResumeToken | None, when: datetime | None) -> None:
@@ -452,15 +459,24 @@ class Listener:
             raise LeaseLost(f"lease of stream {self.stream_name} is not held: checkpoint not saved")
         self.checkpoints.save(self.stream_name, token, epoch=epoch, position_time=when)  # FencedOut
         self._saved, self._saved_at = token, time.monotonic()
+        self._unsaved_events = False
         self.stats.checkpoint = token
         if self.health is not None:
             self.health.progress()
 
     def _idle_checkpoint(self) -> None:
-        # An idle stream's token still advances (postBatchResumeToken). Saving it now and then keeps
+        # Delivered events not saved yet (a burst just ended): save once the checkpoint interval is up.
+        # Otherwise only the idle token advances (postBatchResumeToken): saving it now and then keeps
         # the checkpoint inside the oplog window on quiet streams, without a write per empty getMore.
-        if time.monotonic() - self._saved_at >= self.idle_checkpoint_seconds:
+        if self._unsaved_events:
+            due = self.settings.listener_checkpoint_interval_ms / 1000
+        else:
+            due = self.idle_checkpoint_seconds
+        if self._since_saved() >= due:
             self._checkpoint(self._position, self._position_time)
+
+    def _since_saved(self) -> float:
+        return time.monotonic() - self._saved_at
 
     # -- lost history -----------------------------------------------------------------------------
     def _gap_store(self) -> GapStore:

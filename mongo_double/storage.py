@@ -63,9 +63,16 @@ class Store:
         self.lock = threading.RLock()
         self.client = mongomock.MongoClient()
         self.meta: dict[tuple[str, str], CollectionMeta] = {}
+        self._collections: dict[tuple[str, str], mongomock.Collection] = {}
 
     def collection(self, db: str, name: str) -> mongomock.Collection:
-        return self.client[db][name]
+        # mongomock builds a new Collection (with_options, codec checks) on every client[db][name]: a
+        # noticeable part of each command. Keeping the first is safe: a mongomock Collection finds its
+        # documents by name on every access, so drops and renames are seen.
+        found = self._collections.get((db, name))
+        if found is None:
+            found = self._collections[(db, name)] = self.client[db][name]
+        return found
 
     def exists(self, db: str, name: str) -> bool:
         return name in self.client[db].list_collection_names()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 
@@ -21,6 +22,13 @@ PREFIX = "changeflow:"
 # Extra lease time over the hard time limit: the guard's own Redis/MongoDB calls around the body.
 LEASE_MARGIN_SECONDS = 30
 
+# Look and take in one step (0: done, 1: lease taken, 2: another delivery holds it). Atomic, so no
+# delivery can finish between the look and the take.
+_CLAIM = """
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 2
+"""
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -33,6 +41,14 @@ return 1
 """
 
 
+class Claim(enum.Enum):
+    """What `DedupStore.claim` found."""
+
+    DONE = 0  # the key's effect completed already
+    ACQUIRED = 1  # the lease is ours: run the effect
+    BUSY = 2  # another delivery holds the lease
+
+
 class DedupStore:
     """Done records and leases for task keys. Pass any redis client (tests use a private server)."""
 
@@ -40,6 +56,7 @@ class DedupStore:
         self.client = client
         self.done_ttl_seconds = done_ttl_seconds
         self.lease_ttl_ms = lease_ttl_seconds * 1000
+        self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
         self._mark_done = client.register_script(_MARK_DONE)
 
@@ -70,6 +87,11 @@ class DedupStore:
     def acquire_lease(self, key: str, owner: str) -> bool:
         """Take the key's lease for `owner`; False when another delivery holds it."""
         return bool(self.client.set(self.lease_key(key), owner, nx=True, px=self.lease_ttl_ms))
+
+    def claim(self, key: str, owner: str) -> Claim:
+        """`is_done`, then `acquire_lease` for `owner`, in one atomic round trip."""
+        found = self._claim(keys=[self.done_key(key), self.lease_key(key)], args=[owner, self.lease_ttl_ms])
+        return Claim(int(found))
 
     def lease_owner(self, key: str) -> str | None:
         value = self.client.get(self.lease_key(key))

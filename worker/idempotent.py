@@ -28,7 +28,7 @@ from celery import Task, current_task
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 
 from worker.dead_letters import record_dead_letter
-from worker.dedup import DedupStore, get_dedup_store
+from worker.dedup import Claim, DedupStore, get_dedup_store
 from worker.errors import TRANSIENT_ERRORS, Skip
 from worker.mongo import get_db
 from worker.retry import lease_retry_delay, retry_delay
@@ -83,17 +83,13 @@ class IdempotentTask(Task):
 
     def _run_once(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         store = get_dedup_store()
-        if store.is_done(key):
-            log.info("duplicate %s %s", self.name, key)
-            return None
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        if not store.acquire_lease(key, owner):
-            raise self._retry_while_leased(key, args, kwargs)
-        if store.is_done(key):
-            # Another delivery finished between our two looks (mark_done releases its lease).
-            self._release(store, key, owner)
+        claim = store.claim(key, owner)
+        if claim is Claim.DONE:
             log.info("duplicate %s %s", self.name, key)
             return None
+        if claim is Claim.BUSY:
+            raise self._retry_while_leased(key, args, kwargs)
         try:
             result = self.run(*args, **kwargs)
         except Skip as skip:

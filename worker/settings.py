@@ -42,6 +42,10 @@ class Settings:
     listener_batch_size: int = 500
     listener_max_await_ms: int = 500
     listener_stream_name: str = "changeflow"
+    # While events flow, save the checkpoint at most this often (0: after every batch). Every batch is
+    # in the broker before its position may be saved; a restart re-reads at most this much (same task
+    # ids: the dedup guard drops the copies), for one MongoDB write per interval instead of per batch.
+    listener_checkpoint_interval_ms: int = 1000
     # How task messages reach Redis: "pipelined" (a batch per round trip, listener/pipelined.py) or
     # "celery" (app.send_task per message). Workers see the same messages either way.
     listener_publisher: str = "pipelined"

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from harness.redis_server import RedisServer
-from worker.dedup import DedupStore
+from worker.dedup import Claim, DedupStore
 
 
 @pytest.fixture
@@ -45,6 +45,18 @@ def test_lease_is_exclusive_and_expires(store: DedupStore, client: redis.Redis) 
     time.sleep(0.1)
     assert store.lease_ttl("k") is None
     assert store.acquire_lease("k", "b")
+
+
+def test_claim_looks_and_takes_in_one_step(store: DedupStore) -> None:
+    assert store.claim("k", "a") is Claim.ACQUIRED
+    assert store.lease_owner("k") == "a"
+    ttl = store.lease_ttl("k")
+    assert ttl is not None and 59 < ttl <= 60
+    assert store.claim("k", "b") is Claim.BUSY  # another delivery runs it
+    assert store.lease_owner("k") == "a"
+    store.mark_done("k", "a")
+    assert store.claim("k", "c") is Claim.DONE  # done: nobody takes a lease any more
+    assert store.lease_owner("k") is None
 
 
 def test_only_the_owner_releases_a_lease(store: DedupStore) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 import uuid
 
 import pytest
@@ -47,3 +48,15 @@ def test_extra_token_fields_are_ignored() -> None:
 def test_malformed_token_raises_value_error(token: object) -> None:
     with pytest.raises(ValueError, match="malformed resume token"):
         dedup_key(token, "tasks.x")  # type: ignore[arg-type]
+
+
+def test_key_equals_uuid5_for_many_inputs() -> None:
+    # dedup_key computes uuid5 itself (sha1, version and variant bits, formatting): it must be
+    # uuid.uuid5 exactly, for every variant digit, non-ASCII names and data of any length.
+    rnd = random.Random(20260101)
+    alphabet = "0123456789ABCDEFabcdef._-\n é☃\U0001f600"
+    for _ in range(5000):
+        task_name = "tasks." + "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 40)))
+        data = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 120)))
+        expected = str(uuid.uuid5(CHANGEFLOW_NAMESPACE, task_name + "\n" + data))
+        assert dedup_key({"_data": data}, task_name) == expected

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -41,7 +42,8 @@ class FakeStream:
     """Plays a script: events, None (an empty getMore) or an exception; then asks the listener to stop.
 
     ("idle", token) advances the postBatchResumeToken like an empty getMore; ("closed", token) also
-    ends the stream, as a getMore that returns cursor id 0 does.
+    ends the stream, as a getMore that returns cursor id 0 does. A callable is called (to move a fake
+    clock) and then acts as an empty getMore.
     """
 
     def __init__(self, script: Sequence[Any], start: dict[str, str] | None, on_end: Any) -> None:
@@ -62,6 +64,9 @@ class FakeStream:
             self.alive = item[0] != "closed"
             return None
         if item is None:
+            return None
+        if callable(item):
+            item()
             return None
         self.resume_token = item["_id"]
         if item["operationType"] == "invalidate":
@@ -146,9 +151,15 @@ class Journal:
         return [value for kind, value in self.entries if kind == "checkpoint"]
 
 
-def make_listener(db: FakeDatabase, journal: Journal, batch_size: int = 100, **kwargs: Any) -> Listener:
+def make_listener(
+    db: FakeDatabase, journal: Journal, batch_size: int = 100, checkpoint_interval_ms: int = 0, **kwargs: Any
+) -> Listener:
+    """A listener on the fakes; it saves the checkpoint after every batch unless told otherwise."""
     settings = Settings(
-        listener_stream_name=STREAM, listener_batch_size=batch_size, listener_max_await_ms=1000
+        listener_stream_name=STREAM,
+        listener_batch_size=batch_size,
+        listener_max_await_ms=1000,
+        listener_checkpoint_interval_ms=checkpoint_interval_ms,
     )
     kwargs.setdefault("backoff", Backoff(base=0.001, cap=0.002))
     listener = Listener(
@@ -311,6 +322,29 @@ def test_idle_stream_saves_its_advancing_token_at_most_every_interval() -> None:
     db, journal = FakeDatabase(idle), Journal(saved=token(0))
     make_listener(db, journal, idle_checkpoint_seconds=0).run()
     assert journal.checkpoints() == [token(n) for n in range(1, 6)]
+
+
+def test_while_events_flow_the_checkpoint_moves_at_most_once_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("listener.stream.time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    def wait(seconds: float) -> Callable[[], None]:
+        return lambda: clock.__setitem__(0, clock[0] + seconds)
+
+    events = [user_insert(n) for n in range(1, 5)]
+    script = [events[0], events[1], wait(0.5), events[2], wait(0.6), events[3]]
+    db, journal = FakeDatabase(script), Journal(saved=token(0))
+    assert make_listener(db, journal, batch_size=1, checkpoint_interval_ms=1000).run() == EXIT_OK
+    assert journal.entries == [
+        ("publish", task_ids(events[0])),
+        ("publish", task_ids(events[1])),  # 0 s since the loaded checkpoint: not due
+        ("publish", task_ids(events[2])),  # 0.5 s: not due
+        ("checkpoint", token(3)),  # the next turn, 1.1 s: due, the delivered position is saved
+        ("publish", task_ids(events[3])),
+        ("checkpoint", token(4)),  # on stop, whatever the interval
+    ]
 
 
 def test_stop_finishes_the_batch_in_flight() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import random
 import uuid
 from typing import Any
 
@@ -22,32 +23,56 @@ from worker.app import celery_config
 from worker.settings import Settings
 
 
-class Pipeline:
+class FakeConnection:
+    """Records what redis-py's Connection would send and read; `replies` scripts the answers."""
+
     def __init__(self, client: FakeRedis) -> None:
         self.client = client
         self.commands: list[tuple[Any, ...]] = []
+        self.steps: list[str] = []  # "send" / "read", in order
+        self.disconnected = False
 
-    def lpush(self, key: str, *values: str) -> None:
-        self.commands.append(("lpush", key, *values))
-
-    def publish(self, channel: str, message: str) -> None:
-        self.commands.append(("publish", channel, message))
-
-    def execute(self) -> list[Any]:
+    def send_command(self, *args: Any) -> None:
         if self.client.down:
             raise redis.exceptions.ConnectionError("connection refused")
-        self.client.round_trips.append(self.commands)
-        return [1] * len(self.commands)
+        self.commands.append(tuple(arg.lower() if i == 0 else arg for i, arg in enumerate(args)))
+        self.steps.append("send")
+
+    def read_response(self) -> Any:
+        self.steps.append("read")
+        reply = self.client.replies.pop(0) if self.client.replies else 1
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+
+
+class FakePool:
+    def __init__(self, client: FakeRedis) -> None:
+        self.client = client
+
+    def get_connection(self) -> FakeConnection:
+        connection = FakeConnection(self.client)
+        self.client.connections.append(connection)
+        return connection
+
+    def release(self, connection: FakeConnection) -> None:
+        if connection.commands:
+            self.client.round_trips.append(connection.commands)
 
 
 class FakeRedis:
+    """Stands in for redis.Redis: a pool of recording connections; `round_trips` holds the commands of
+    each publish, `down` makes sending fail, `replies` scripts the replies (an exception: an error reply)."""
+
     def __init__(self) -> None:
         self.round_trips: list[list[tuple[Any, ...]]] = []
+        self.connections: list[FakeConnection] = []
+        self.replies: list[Any] = []
         self.down = False
-
-    def pipeline(self, transaction: bool = True) -> Pipeline:
-        assert transaction is False
-        return Pipeline(self)
+        self.connection_pool = FakePool(self)
 
 
 def make_app(sent_events: bool = True) -> Celery:
@@ -78,6 +103,46 @@ def test_a_batch_is_one_round_trip_with_one_lpush() -> None:
     assert ids == [m.task_id for m in messages]
 
 
+def test_commands_go_out_as_they_are_built_and_every_reply_is_read_before_publish_returns() -> None:
+    client = FakeRedis()
+    messages = [m for i in range(200) for m in messages_for(event(i))]  # 400 messages: 4 LPUSH chunks
+    PipelinedPublisher(make_app(), client=client).publish(messages)  # type: ignore[arg-type]
+    (connection,) = client.connections
+    assert [c[0] for c in connection.commands] == ["lpush"] * 4 + ["publish"]  # sent events last
+    assert connection.steps == ["send"] * 5 + ["read"] * 5  # one round trip's wait, at the end
+    assert not connection.disconnected
+
+
+def test_an_error_reply_is_broker_unavailable_and_drops_the_connection() -> None:
+    client = FakeRedis()
+    client.replies = [1, redis.exceptions.ResponseError("OOM command not allowed")]
+    messages = [m for i in range(100) for m in messages_for(event(i))]
+    with pytest.raises(BrokerUnavailable, match="OOM"):
+        PipelinedPublisher(make_app(), client=client).publish(messages)  # type: ignore[arg-type]
+    (connection,) = client.connections
+    assert connection.disconnected  # its unread replies would answer the next batch's commands
+
+
+def test_a_failure_half_way_drops_the_connection_and_propagates() -> None:
+    client = FakeRedis()
+    publisher = PipelinedPublisher(make_app(sent_events=False), client=client)  # type: ignore[arg-type]
+    messages = [m for i in range(100) for m in messages_for(event(i))]  # 200 messages: 2 chunks
+    built = 0
+
+    def summary(payload: dict[str, Any]) -> str:
+        nonlocal built
+        built += 1
+        if built == 80:  # after the first chunk (128 messages, 64 events) went out
+            raise RuntimeError("a bug")
+        return "[...]"
+
+    publisher._argsrepr = summary  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="a bug"):
+        publisher.publish(messages)
+    (connection,) = client.connections
+    assert [c[0] for c in connection.commands] == ["lpush"] and connection.disconnected
+
+
 def test_sent_events_go_grouped_in_the_same_round_trip() -> None:
     client = FakeRedis()
     messages = messages_for(event(1))
@@ -98,6 +163,7 @@ def test_large_batches_are_split_into_lpush_chunks() -> None:
     PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages)  # type: ignore[arg-type]
     (commands,) = client.round_trips
     assert [len(c) - 2 for c in commands] == [LPUSH_CHUNK, 5]
+    assert client.connections[0].steps == ["send", "send", "read", "read"]
 
 
 def test_an_unserializable_payload_is_rejected_not_raised() -> None:
@@ -163,3 +229,46 @@ def test_types_the_fast_encoder_does_not_know_go_to_the_serializer() -> None:
     bad["fullDocument"]["script"] = Code("return 1")  # refused by worker.serialization, with its path
     rejected = PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages_for(bad))  # type: ignore[arg-type]
     assert len(rejected) == 2 and "fullDocument.script" in rejected[0].error
+
+
+def test_the_fast_decimal128_text_is_bsons() -> None:
+    from listener.pipelined import _decimal128_str
+
+    rnd = random.Random(128)
+    values = [Decimal128(text) for text in ("-0", "1.50", "-1E-6176", "9.99E+6144", "NaN", "-sNaN", "Inf")]
+    for _ in range(20_000):
+        # Any 128 bits (NaNs, infinities, the other encoding, too large coefficients included) ...
+        values.append(Decimal128.from_bid(rnd.getrandbits(128).to_bytes(16, "little")))
+        # ... and canonical values of every length and exponent.
+        coefficient, exponent = rnd.getrandbits(rnd.randint(0, 113)), rnd.randint(0, 12287)
+        high = rnd.getrandbits(1) << 63 | exponent << 49 | coefficient >> 64
+        values.append(Decimal128((high, coefficient & (2**64 - 1))))
+    for value in values:
+        assert _decimal128_str(value) == str(value), value.bid.hex()
+
+
+def test_json_with_holes_is_json_dumps_of_the_filled_value() -> None:
+    from listener.pipelined import _JsonHoles, json_number, json_string
+
+    def value(id_: object, at: object, k: object) -> dict[str, Any]:
+        return {"id": id_, "n": None, "nested": {"at": at, "again": [id_, "x"]}, "k": k}
+
+    hole = _JsonHoles.hole
+    template = _JsonHoles.of(value(hole("id"), hole("at"), hole("k")), ("id", "at", "k"))
+    rnd = random.Random(7)
+    strings = ["", "plain-id", 'quote " and \\ backslash', "é ☃ \U0001f600", "\x00\n\t\u2028", "{}%s{0}"]
+    numbers: list[float] = [0, -1, 2**70, 0.0, -5.5, 1 / 3, 1e300, 1767225600.1234567, True]
+    numbers += [float("nan"), -float("inf")] + [rnd.uniform(-1e12, 1e12) for _ in range(200)]
+    numbers += [rnd.randint(-(2**64), 2**64) for _ in range(50)]
+    for number in numbers:
+        text, other = rnd.choice(strings), rnd.choice(strings)
+        filled = template.fill((json_string(text), json_number(number), json_string(other)))
+        assert filled == json.dumps(value(text, number, other))
+
+
+@pytest.mark.parametrize("value", [{"id": "prefix-\x00changeflow:id\x00"}, {"id": "no hole"}])
+def test_json_with_holes_refuses_holes_it_cannot_fill(value: dict[str, str]) -> None:
+    from listener.pipelined import _JsonHoles
+
+    with pytest.raises(ValueError, match="not whole values"):
+        _JsonHoles.of(value, ("id",))
