@@ -38,6 +38,9 @@ class FakeConnection:
         self.commands.append(tuple(arg.lower() if i == 0 else arg for i, arg in enumerate(args)))
         self.steps.append("send")
 
+    def send_packed_command(self, chunks: list[bytes]) -> None:
+        self.send_command(*parse_resp(b"".join(chunks)))
+
     def read_response(self) -> Any:
         self.steps.append("read")
         reply = self.client.replies.pop(0) if self.client.replies else 1
@@ -47,6 +50,21 @@ class FakeConnection:
 
     def disconnect(self) -> None:
         self.disconnected = True
+
+
+def parse_resp(data: bytes) -> list[str]:
+    """One RESP command (an array of bulk strings) back into its arguments."""
+    header, _, rest = data.partition(b"\r\n")
+    assert header.startswith(b"*"), data[:20]
+    args = []
+    for _ in range(int(header[1:])):
+        length_line, _, rest = rest.partition(b"\r\n")
+        length = int(length_line[1:])
+        args.append(rest[:length].decode())
+        assert rest[length : length + 2] == b"\r\n"
+        rest = rest[length + 2 :]
+    assert rest == b"", "one command per send"
+    return args
 
 
 class FakePool:
@@ -272,3 +290,32 @@ def test_json_with_holes_refuses_holes_it_cannot_fill(value: dict[str, str]) -> 
 
     with pytest.raises(ValueError, match="not whole values"):
         _JsonHoles.of(value, ("id",))
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    from redis.connection import Connection
+
+    from listener.pipelined import resp_command
+
+    packer = Connection()
+    for args in [
+        ("LPUSH", "celery", "a", "", "x" * 7000, '{"k": "\\u00e9"}'),
+        ("PUBLISH", "/0.celeryev/task.multi", "[]"),
+    ]:
+        assert resp_command(args) == b"".join(packer.pack_command(*args))
+    assert resp_command(("LPUSH", "queue-é", "x")) is None  # not ASCII: redis-py's packer does it
+
+
+def test_a_batch_takes_consecutive_lamport_clock_values() -> None:
+    from listener.pipelined import reserve_clock
+
+    client = FakeRedis()
+    app = make_app()
+    before = app.clock.forward()
+    assert reserve_clock(app.clock, 1) == before + 1 and app.clock.value == before + 1
+    messages = [m for i in range(3) for m in messages_for(event(i))]  # 6 messages
+    PipelinedPublisher(app, client=client).publish(messages)  # type: ignore[arg-type]
+    (commands,) = client.round_trips
+    sent = json.loads(base64.b64decode(json.loads(commands[-1][2])["body"]))
+    assert [e["clock"] for e in sent] == list(range(before + 2, before + 8))
+    assert app.clock.forward() == before + 8  # the next event comes after the batch's

@@ -175,3 +175,14 @@ def test_compiled_match_selects_exactly_the_routed_events(table: str) -> None:
     routed = {i for i, change in enumerate(SAMPLE_EVENTS) if tasks_for(change, routes)}
     assert routed, "the sample should exercise some routes"
     assert selected == routed
+
+
+@pytest.mark.parametrize("table", sorted(ROUTE_TABLES))
+def test_tasks_for_names_the_tasks_of_the_routes_that_match(table: str) -> None:
+    """tasks_for looks routes up by (collection, operation type): the same answer as trying each one."""
+    routes = ROUTE_TABLES[table]
+    for change in SAMPLE_EVENTS:
+        matching = [route for route in routes if route.matches(change)]
+        expected = list(dict.fromkeys(task for route in matching for task in route.tasks))
+        assert tasks_for(change, routes) == expected, change
+        assert tasks_for(change, tuple(routes)) == expected, change
