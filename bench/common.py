@@ -151,9 +151,7 @@ def run_listener_core(
         listener_batch_size=BATCH_SIZE,
         listener_max_await_ms=600_000,
         listener_stream_name=STREAM,
-        # The default (1 s): a save per second while events flow, and one on stop.
-        listener_checkpoint_interval_ms=Settings.listener_checkpoint_interval_ms,
-    )
+    )  # LISTENER_CHECKPOINT_INTERVAL_MS stays the default (1 s): a save per second, and one on stop
     listener = Listener(
         db,  # type: ignore[arg-type]
         publisher,

@@ -40,7 +40,6 @@ class TaskEvents:
     """
 
     def __init__(self, url: str) -> None:
-        self.url = url
         self._conn, child = multiprocessing.Pipe()
         self.process = multiprocessing.Process(target=_follow_events, args=(url, child), daemon=True)
 

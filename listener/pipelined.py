@@ -45,7 +45,8 @@ import re
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
@@ -271,9 +272,10 @@ class _StreamedCommands:
     """Redis commands sent as soon as they are built, their replies read at the end (one connection).
 
     A pipeline whose sending overlaps the building of its next commands: Redis stores one chunk of
-    messages while the publisher encodes the next. `finish()` reads every reply; any error (the
-    connection, or an error reply such as OOM or READONLY) drops the connection, whose unread replies
-    would be out of step, and raises BrokerUnavailable: the batch is retried whole.
+    messages while the publisher encodes the next. `finish()` reads every reply; a Redis error (the
+    connection, or an error reply such as OOM or READONLY) raises BrokerUnavailable, and the batch is
+    retried whole. After any failure the caller calls `abandon()`: the connection's unread replies
+    would be out of step.
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -282,7 +284,7 @@ class _StreamedCommands:
         self._sent = 0
 
     def send(self, *args: str) -> None:
-        try:
+        with _broker_errors():
             if self._connection is None:
                 self._connection = self._pool.get_connection()
             packed = resp_command(args)
@@ -290,24 +292,14 @@ class _StreamedCommands:
                 self._connection.send_command(*args)  # redis-py's packer: any text
             else:
                 self._connection.send_packed_command([packed])
-        except BaseException as exc:
-            self.abandon()
-            if isinstance(exc, redis.exceptions.RedisError | OSError):
-                raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
-            raise
         self._sent += 1
 
     def finish(self) -> None:
         if self._connection is None:
             return
-        try:
+        with _broker_errors():
             for _ in range(self._sent):
                 self._connection.read_response()
-        except BaseException as exc:
-            self.abandon()
-            if isinstance(exc, redis.exceptions.RedisError | OSError):
-                raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
-            raise
         self._pool.release(self._connection)
         self._connection = None
 
@@ -317,6 +309,14 @@ class _StreamedCommands:
             self._connection.disconnect()
             self._pool.release(self._connection)
             self._connection = None
+
+
+@contextmanager
+def _broker_errors() -> Iterator[None]:
+    try:
+        yield
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
 
 
 def resp_command(args: Sequence[str]) -> bytes | None:

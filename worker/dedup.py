@@ -84,12 +84,8 @@ class DedupStore:
         value = self.client.get(self.done_key(key))
         return value.decode() if isinstance(value, bytes) else value
 
-    def acquire_lease(self, key: str, owner: str) -> bool:
-        """Take the key's lease for `owner`; False when another delivery holds it."""
-        return bool(self.client.set(self.lease_key(key), owner, nx=True, px=self.lease_ttl_ms))
-
     def claim(self, key: str, owner: str) -> Claim:
-        """`is_done`, then `acquire_lease` for `owner`, in one atomic round trip."""
+        """Unless the key is done, take its lease for `owner` (SET NX PX); one atomic round trip."""
         found = self._claim(keys=[self.done_key(key), self.lease_key(key)], args=[owner, self.lease_ttl_ms])
         return Claim(int(found))
 

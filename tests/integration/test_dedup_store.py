@@ -26,7 +26,7 @@ def store(client: redis.Redis) -> DedupStore:
 
 def test_a_key_is_done_only_after_mark_done(store: DedupStore, client: redis.Redis) -> None:
     assert not store.is_done("k")
-    assert store.acquire_lease("k", "a")
+    assert store.claim("k", "a") is Claim.ACQUIRED
     assert not store.is_done("k")  # running is not done
     store.mark_done("k", "a")
     assert store.is_done("k")
@@ -36,15 +36,15 @@ def test_a_key_is_done_only_after_mark_done(store: DedupStore, client: redis.Red
 
 
 def test_lease_is_exclusive_and_expires(store: DedupStore, client: redis.Redis) -> None:
-    assert store.acquire_lease("k", "a")
-    assert not store.acquire_lease("k", "b")
+    assert store.claim("k", "a") is Claim.ACQUIRED
+    assert store.claim("k", "b") is Claim.BUSY
     assert store.lease_owner("k") == "a"
     ttl = store.lease_ttl("k")
     assert ttl is not None and 59 < ttl <= 60
     client.pexpire("changeflow:lease:k", 50)  # as if the holder died long ago
     time.sleep(0.1)
     assert store.lease_ttl("k") is None
-    assert store.acquire_lease("k", "b")
+    assert store.claim("k", "b") is Claim.ACQUIRED
 
 
 def test_claim_looks_and_takes_in_one_step(store: DedupStore) -> None:
@@ -60,7 +60,7 @@ def test_claim_looks_and_takes_in_one_step(store: DedupStore) -> None:
 
 
 def test_only_the_owner_releases_a_lease(store: DedupStore) -> None:
-    assert store.acquire_lease("k", "a")
+    assert store.claim("k", "a") is Claim.ACQUIRED
     assert not store.release_lease("k", "b")
     assert store.lease_owner("k") == "a"
     assert store.release_lease("k", "a")
@@ -68,13 +68,13 @@ def test_only_the_owner_releases_a_lease(store: DedupStore) -> None:
 
 
 def test_mark_done_by_a_stale_owner_keeps_the_current_lease(store: DedupStore) -> None:
-    assert store.acquire_lease("k", "current")
+    assert store.claim("k", "current") is Claim.ACQUIRED
     store.mark_done("k", "stale", "skipped")
     assert store.outcome("k") == "skipped"
     assert store.lease_owner("k") == "current"
 
 
 def test_keys_are_prefixed(store: DedupStore, client: redis.Redis) -> None:
-    store.acquire_lease("k1", "a")
+    assert store.claim("k1", "a") is Claim.ACQUIRED
     store.mark_done("k2", "a")
     assert sorted(client.keys("*")) == [b"changeflow:done:k2", b"changeflow:lease:k1"]

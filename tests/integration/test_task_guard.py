@@ -21,7 +21,7 @@ from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
 from tasks.analytics import update_analytics
 from tasks.email import send_welcome_email
-from worker.dedup import get_dedup_store
+from worker.dedup import Claim, get_dedup_store
 from worker.keys import dedup_key
 from worker.mongo import get_db
 from worker.settings import Settings
@@ -53,7 +53,7 @@ def test_a_held_lease_makes_another_delivery_retry_later(
     caplog.set_level(logging.INFO, logger="worker.idempotent")
     event, key = welcome_event()
     store = get_dedup_store()
-    assert store.acquire_lease(key, "another-worker")  # a delivery of the same event is running
+    assert store.claim(key, "another-worker") is Claim.ACQUIRED  # a delivery of the same event is running
 
     result = send_welcome_email.apply(args=[event], task_id=key)
 
@@ -72,7 +72,7 @@ def test_a_lease_retry_is_republished_with_the_same_id_and_retry_count(
     worker: Settings, redis_server: RedisServer
 ) -> None:
     event, key = welcome_event()
-    get_dedup_store().acquire_lease(key, "another-worker")
+    assert get_dedup_store().claim(key, "another-worker") is Claim.ACQUIRED
     # What a worker's request looks like (not eager): the guard must publish the retry itself.
     send_welcome_email.push_request(
         id=key, args=[event], kwargs={}, retries=1, is_eager=False, called_directly=False,
@@ -122,7 +122,7 @@ def test_a_retry_the_broker_refuses_hands_the_message_back_instead_of_dropping_i
 def test_an_expired_lease_does_not_wedge_the_key(worker: Settings, smtp: SmtpSink) -> None:
     event, key = welcome_event()
     store = get_dedup_store()
-    store.acquire_lease(key, "worker-that-died")
+    assert store.claim(key, "worker-that-died") is Claim.ACQUIRED
     store.client.pexpire(store.lease_key(key), 50)  # its TTL (hard time limit + margin) ran out
     time.sleep(0.1)
 
