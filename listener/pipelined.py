@@ -537,94 +537,126 @@ class _Layout:
 # -- the task body without kombu's Python `default()` hook ----------------------------------------
 # Encoding the body is the most expensive step left (half the publisher's time with kombu's encoder:
 # a Python default() call per BSON value, after worker.serialization's own walk for Int64). The same
-# bytes come out of one walk that replaces each non-JSON value with what the registered encoders
-# make of it, then the C encoder. It follows worker.serialization (Int64 kept, Code refused) and
-# kombu.utils.json (registered types in registration order, then bytes); anything else (Code, a
-# type with __json__, an unknown type) goes to the real serializer, which encodes or refuses it.
-# fast_json_matches() checks the result against the real serializer once per process and the fast
-# path is only used when they agree byte for byte.
+# text comes out of one walk that writes the JSON of each value directly: strings through json's own
+# C escaper, each registered type as the registered encoder makes it, the keys of a document once per
+# process (they repeat from one event to the next). Building the text directly rather than a JSON-
+# ready copy for the C encoder halves the cost: the copy allocated a dict per BSON value and the
+# encoder walked the whole document a second time. It follows worker.serialization (Int64 kept, Code
+# refused) and kombu.utils.json (registered types in registration order, then bytes); anything else
+# (Code, a type with __json__, an unknown type, a key that is not a string) goes to the real
+# serializer, which encodes or refuses it. fast_json_matches() checks the result against the real
+# serializer once per process and the fast path is only used when they agree byte for byte.
 
 
 class _NotPlain(Exception):
     """A value the fast encoder leaves to the registered serializer."""
 
 
-_converters: dict[type, Callable[[Any], Any]] = {}
-# Values json encodes as they are (exact types: subclasses such as Int64 go through _converters).
-_PLAIN = frozenset({str, int, float, bool, type(None)})
-
-
-def plain_json(value: Any) -> Any:
-    """`value` with every non-JSON leaf replaced as kombu's json serializer (+ changeflow's) would."""
+def json_text(value: Any) -> str:
+    """json.dumps(value) as kombu's json serializer (+ changeflow's) makes it; raises _NotPlain for
+    what only that serializer knows how to encode or refuse."""
     kind = type(value)
-    # Containers are checked before they are copied: most hold plain values only (a namespace, a
-    # resume token, a sub-document of strings) and are then encoded as they are. Plain items are
-    # tested inline rather than by a call per item. Exact types only: a dict subclass (SON) is
-    # copied through its items(), as worker.serialization does.
     if kind is dict:
-        for item in value.values():
-            if type(item) not in _PLAIN:
-                return {
-                    key: item if type(item) in _PLAIN else plain_json(item) for key, item in value.items()
-                }
-        return value
-    if kind in _PLAIN:
-        return value
-    if kind is list or kind is tuple:  # json encodes a tuple as a list
-        for item in value:
-            if type(item) not in _PLAIN:
-                return [item if type(item) in _PLAIN else plain_json(item) for item in value]
-        return value
-    convert = _converters.get(kind)
-    if convert is None:
-        convert = _converters[kind] = _converter_for(kind)
-    return convert(value)
+        return _dict_text(value)
+    if kind is str:
+        return json_string(value)
+    encode = _encoders.get(kind)
+    if encode is None:
+        encode = _encoders[kind] = _encoder_for(kind)
+    return encode(value)
+
+
+def _dict_text(value: Mapping[Any, Any]) -> str:
+    keys = _key_texts
+    parts = []
+    for key, item in value.items():
+        prefix = keys.get(key)
+        if prefix is None:
+            prefix = _key_text(key)
+        # Strings (most values) inline: a call less per value.
+        parts.append(prefix + (json_string(item) if type(item) is str else json_text(item)))
+    return "{" + ", ".join(parts) + "}"
+
+
+def _list_text(value: Sequence[Any]) -> str:
+    items = [json_string(item) if type(item) is str else json_text(item) for item in value]
+    return "[" + ", ".join(items) + "]"
+
+
+# '"key": ' per document key, memoized: field names repeat from one event to the next. Bounded, as
+# documents may use values as keys.
+_key_texts: dict[str, str] = {}
+_KEY_TEXTS_MAX = 4096
+
+
+def _key_text(key: Any) -> str:
+    if not isinstance(key, str):
+        raise _NotPlain  # json turns some non-str keys into strings; the serializer knows which
+    text = json_string(key) + ": "
+    if len(_key_texts) < _KEY_TEXTS_MAX:
+        _key_texts[key] = text
+    return text
 
 
 def fast_body(payload: dict[str, Any]) -> str:
-    """json.dumps(plain_json(([payload], {}, embed))), the task body; its constant part encoded once."""
-    return _BODY.fill((_encode(plain_json(payload)),))
+    """json.dumps(([payload], {}, embed)) as the task serializer encodes it; its constant part once."""
+    return _BODY.fill((json_text(payload),))
 
 
-# json.dumps' encoder without its check for circular references (an id() into a dict and out again
-# per container): BSON documents cannot hold cycles. The same text otherwise.
-_encode = json.JSONEncoder(check_circular=False).encode
+_encoders: dict[type, Callable[[Any], str]] = {}
 
 
-def _converter_for(kind: type) -> Callable[[Any], Any]:
+def _encoder_for(kind: type) -> Callable[[Any], str]:
+    """The function giving the JSON text of a value of `kind` (any type but dict and str)."""
     from bson import Decimal128, Int64
     from bson.code import Code
     from kombu.utils import json as kombu_json
 
-    if issubclass(kind, dict):
-        return lambda value: {key: plain_json(item) for key, item in value.items()}
-    if issubclass(kind, list | tuple):
-        return lambda value: [plain_json(item) for item in value]
+    if kind is int:
+        return int.__repr__
+    if kind is float:
+        return json_number  # its repr, or json's spelling of NaN and the infinities
+    if kind is bool:
+        return lambda value: "true" if value else "false"
+    if kind is type(None):
+        return lambda value: "null"
+    if issubclass(kind, dict):  # SON and other subclasses: through their items(), as json does
+        return _dict_text
+    if issubclass(kind, list | tuple):  # json encodes a tuple as a list
+        return _list_text
     if issubclass(kind, Int64):
-        return lambda value: {"__type__": "int64", "__value__": int(value)}
+        return lambda value: '{"__type__": "int64", "__value__": ' + int.__repr__(value) + "}"
     if issubclass(kind, Code) or getattr(kind, "__json__", None) is not None:
         return _refuse
     if issubclass(kind, int | float | str):
-        return _same  # json encodes these natively, never asking kombu's encoder
+        return _encode  # json encodes these natively, never asking kombu's encoder
     for registered, (marker, encode) in kombu_json._encoders.items():
         if issubclass(kind, registered):
             if kind is Decimal128 and encode is str:
                 encode = _decimal128_str  # the same text, a fifth of the time (exact type: a subclass
                 # may have its own __str__)
             if marker is None:
-                return lambda value, encode=encode: plain_json(encode(value))
+                return lambda value, encode=encode: json_text(encode(value))
             return _marked(marker, encode)
     if issubclass(kind, bytes):
         return _bytes
     return _refuse
 
 
-def _marked(marker: str, encode: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any]]:
-    def convert(value: Any) -> dict[str, Any]:
-        encoded = encode(value)  # mostly a str (ObjectId, datetime, Decimal128): no walk needed
-        return {"__type__": marker, "__value__": encoded if type(encoded) in _PLAIN else plain_json(encoded)}
+def _marked(marker: str, encode: Callable[[Any], Any]) -> Callable[[Any], str]:
+    """kombu's {"__type__": marker, "__value__": encode(value)}, as JSON text."""
+    prefix = '{"__type__": ' + json_string(marker) + ', "__value__": '
 
-    return convert
+    def text(value: Any) -> str:
+        encoded = encode(value)  # mostly a str (ObjectId, datetime, Decimal128)
+        return prefix + (json_string(encoded) if type(encoded) is str else json_text(encoded)) + "}"
+
+    return text
+
+
+# json.dumps' encoder without its check for circular references (an id() into a dict and out again
+# per container): BSON documents cannot hold cycles. The same text otherwise.
+_encode = json.JSONEncoder(check_circular=False).encode
 
 
 def _decimal128_str(value: Decimal128) -> str:
@@ -655,19 +687,15 @@ _D128_COEFFICIENT = (1 << 113) - 1
 _D128_MAX_COEFFICIENT = 10**34 - 1
 
 
-def _same(value: Any) -> Any:
-    return value
-
-
-def _refuse(value: Any) -> Any:
+def _refuse(value: Any) -> str:
     raise _NotPlain
 
 
-def _bytes(value: bytes) -> dict[str, str]:
+def _bytes(value: bytes) -> str:
     try:
-        return {"__type__": "bytes", "__value__": value.decode("utf-8")}
+        return '{"__type__": "bytes", "__value__": ' + json_string(value.decode("utf-8")) + "}"
     except UnicodeDecodeError:
-        return {"__type__": "base64", "__value__": base64.b64encode(value).decode("utf-8")}
+        return '{"__type__": "base64", "__value__": "' + base64.b64encode(value).decode("ascii") + '"}'
 
 
 def fast_json_matches() -> bool:

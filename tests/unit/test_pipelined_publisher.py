@@ -224,7 +224,7 @@ def test_the_fast_body_encoder_matches_the_registered_serializer() -> None:
     from kombu.serialization import dumps
 
     import worker.app  # noqa: F401  (registers the BSON types)
-    from listener.pipelined import fast_json_matches, plain_json
+    from listener.pipelined import fast_json_matches, json_text
 
     assert fast_json_matches()
     payloads = [messages_for(event(i, coll))[0].payload for i in range(20) for coll in ("users",)] + [
@@ -235,10 +235,27 @@ def test_the_fast_body_encoder_matches_the_registered_serializer() -> None:
             "ts": Timestamp(1, 2),
         },
         SON([("b", 1), ("a", ObjectId())]),
+        {'é"\n': ["", "\u2028", 0.1, -0.0, float("nan"), float("-inf"), True, None, 2**80, []], "e": {}},
+        {"deep": [[{"x": [ObjectId("65a1b2c3d4e5f60718293a4b")]}], ()], "bytes": b"\xff"},
     ]
     for payload in payloads:
         body = ([payload], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
-        assert json.dumps(plain_json(body)) == dumps(body, serializer="json")[2]
+        assert json_text(body) == dumps(body, serializer="json")[2]
+
+
+def test_keys_the_fast_encoder_does_not_spell_go_to_the_serializer() -> None:
+    import worker.app  # noqa: F401  (registers the BSON types)
+    from listener.pipelined import _NotPlain, json_text
+
+    with pytest.raises(_NotPlain):
+        json_text({"a": {1: "x"}})  # json writes the key as "1"; the serializer decides
+    client = FakeRedis()
+    e = event(3)
+    e["fullDocument"]["counts"] = {1: "one", None: "none"}
+    assert PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages_for(e)) == []  # type: ignore[arg-type]
+    (commands,) = client.round_trips
+    body = json.loads(base64.b64decode(json.loads(commands[0][2])["body"]))
+    assert body[0][0]["fullDocument"]["counts"] == {"1": "one", "null": "none"}
 
 
 def test_types_the_fast_encoder_does_not_know_go_to_the_serializer() -> None:
