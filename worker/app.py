@@ -48,6 +48,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         # Flower.
         "worker_send_task_events": True,
+        "worker_consumer": "worker.consumer:Consumer",  # task events sent in groups (see there)
         "task_send_sent_event": True,
         "enable_utc": True,
         "timezone": "UTC",

@@ -38,6 +38,9 @@ class Settings:
     # the time limit is what counts); otherwise Redis redelivers tasks that are still running.
     broker_visibility_timeout: int = 3600
     dedup_ttl_seconds: int = 7 * 24 * 3600
+    # A worker sends its buffered task events (what Flower shows) at most this often, in one message
+    # (0: on the event loop's next turn, Celery's own behaviour). worker/consumer.py.
+    worker_event_flush_ms: int = 20
     # Listener behaviour.
     listener_batch_size: int = 500
     listener_max_await_ms: int = 500
