@@ -48,8 +48,10 @@ class Consumer(CeleryConsumer):
         self._event_flush_timer.cancel()
         self._event_flush_timer = None
         try:
+            # A broker error does not raise here: Celery's dispatcher keeps the events it could not
+            # publish and the next dispatcher (after a reconnect) sends them.
             self._flush_events()
-        except Exception:  # the broker is down: Celery drops buffered events then too, but says so here
+        except Exception:  # anything else: stopping goes on, and the log says what Flower misses
             logger.warning("buffered task events were not sent (Flower misses them)", exc_info=True)
 
     def stop(self) -> None:
