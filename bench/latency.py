@@ -15,8 +15,6 @@ args (argsrepr) names the document; latency = started timestamp - time just befo
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import multiprocessing
 import re
 import time
@@ -28,6 +26,7 @@ from bson import Decimal128, ObjectId
 
 from bench.common import machine, percentile
 from harness.pipeline import LocalPipeline
+from harness.task_events import TASK_EVENTS_PATTERN, task_events
 
 DOC_ID = re.compile(r"'documentKey': \{'_id': ObjectId\('([0-9a-f]{24})'\)")
 
@@ -63,7 +62,7 @@ class TaskEvents:
 def _follow_events(url: str, conn: Connection) -> None:
     client = redis.Redis.from_url(url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe("*celeryev/task.*")
+    pubsub.psubscribe(TASK_EVENTS_PATTERN)
     conn.send("subscribed")
     doc_of: dict[str, str] = {}  # task id -> document id (from task-received)
     started: dict[str, float] = {}  # task id -> timestamp
@@ -78,9 +77,7 @@ def _follow_events(url: str, conn: Connection) -> None:
         message = pubsub.get_message(timeout=0.05)
         if message is None:
             continue
-        body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
-        # Workers buffer task events and send them in groups (a list); sent events come alone.
-        for event in body if isinstance(body, list) else [body]:
+        for event in task_events(message["data"]):
             if event["type"] == "task-received":
                 found = DOC_ID.search(event.get("args") or "")
                 if found:

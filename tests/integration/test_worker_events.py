@@ -6,8 +6,6 @@ redis-server; the events are read the way Flower's receiver gets them, from Redi
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 import uuid
 from collections import defaultdict
@@ -20,6 +18,7 @@ from celery import Celery
 
 from harness.processes import ManagedProcess, worker_process
 from harness.redis_server import RedisServer
+from harness.task_events import TASK_EVENTS_PATTERN, task_events
 from worker.app import celery_config
 from worker.settings import Settings
 
@@ -32,7 +31,7 @@ class EventLog:
     def __init__(self, url: str) -> None:
         self.client = redis.Redis.from_url(url)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.psubscribe("*celeryev/task.*")
+        self.pubsub.psubscribe(TASK_EVENTS_PATTERN)
         self.types: dict[str, list[str]] = defaultdict(list)
         self.messages = 0
 
@@ -42,8 +41,7 @@ class EventLog:
             message = self.pubsub.get_message(timeout=0.05)
             if message is None:
                 continue
-            body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
-            events = [e for e in (body if isinstance(body, list) else [body]) if e["type"] in TASK_EVENTS]
+            events = [e for e in task_events(message["data"]) if e["type"] in TASK_EVENTS]
             if events:
                 self.messages += 1
             for event in events:
