@@ -32,7 +32,11 @@ class Settings:
     # Worker behaviour.
     task_soft_time_limit: int = 30
     task_time_limit: int = 60
-    task_max_retries: int = 8
+    # A transient error is retried (backoff capped at RETRY_BACKOFF_MAX) until this long after the
+    # task's first attempt, then dead-lettered "retries_exhausted": an outage of SMTP, MongoDB or
+    # Redis shorter than this loses nothing. TASK_MAX_RETRIES, when set, is an extra cap on the count.
+    task_retry_for_seconds: int = 3600
+    task_max_retries: int | None = None
     retry_backoff_max: int = 300
     # Must exceed the longest task (time limit plus all its retry waits are separate messages, so
     # the time limit is what counts); otherwise Redis redelivers tasks that are still running.
@@ -83,6 +87,8 @@ class Settings:
             raise SettingsError(
                 "LISTENER_LEASE_RENEW_SECONDS must be at least 1 and smaller than LISTENER_LEASE_TTL_SECONDS"
             )
+        if self.task_retry_for_seconds < 1:
+            raise SettingsError("TASK_RETRY_FOR_SECONDS must be at least 1")
         if self.listener_max_stall_seconds < 1:
             raise SettingsError("LISTENER_MAX_STALL_SECONDS must be at least 1")
         for name in ("mongodb_uri", "mongodb_db", "celery_broker_url", "smtp_host", "mail_from"):
@@ -98,7 +104,7 @@ class Settings:
             raw = env.get(field.name.upper())
             if raw is None or raw == "":
                 continue
-            if field.type == "int":
+            if field.type in ("int", "int | None"):
                 try:
                     values[field.name] = int(raw)
                 except ValueError:
