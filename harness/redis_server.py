@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -20,11 +21,17 @@ class RedisServer:
     Persistence is off by default: stop() loses the data, as a crashed broker without AOF would;
     restart() comes back on the same port so clients reconnect. With `appendonly=True` every write is
     in the append-only file before Redis answers (`appendfsync always`) and a restart comes back with
-    the data: a durable broker.
+    the data: a durable broker. `options` are further redis-server options, e.g.
+    `("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")`.
     """
 
     def __init__(
-        self, port: int | None = None, executable: str = "redis-server", *, appendonly: bool = False
+        self,
+        port: int | None = None,
+        executable: str = "redis-server",
+        *,
+        appendonly: bool = False,
+        options: Sequence[str] = (),
     ) -> None:
         path = shutil.which(executable)
         if path is None:
@@ -35,6 +42,7 @@ class RedisServer:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="changeflow-redis-"))
         self.appendonly = appendonly
+        self.options = list(options)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,7 +55,7 @@ class RedisServer:
             persistence = ["--appendonly", "yes", "--appendfsync", "always"]
         args = [
             self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-            "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"),
+            "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"), *self.options,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
