@@ -42,7 +42,8 @@ def record_dead_letter(
     """Store (or update) the dead letter of `task_id`, and log it at ERROR.
 
     reason: "permanent" (retrying cannot help), "retries_exhausted" (a transient error outlasted
-    TASK_MAX_RETRIES), "unpublishable" (the listener could not serialize the event's payload).
+    TASK_RETRY_FOR_SECONDS, or TASK_MAX_RETRIES when set), "unpublishable" (the listener could not
+    serialize the event's payload). Raises what MongoDB raises: the caller must keep the task.
     """
     if reason not in REASONS:
         raise ValueError(f"unknown dead-letter reason {reason!r}; expected one of {sorted(REASONS)}")

@@ -102,8 +102,12 @@ class IdempotentTask(Task):
         except (Retry, Ignore, Reject):
             raise
         except _DoneNotRecorded as failure:
-            return self._done_not_recorded(failure, first)
+            return self._done_not_recorded(failure.__cause__ or failure, failure.outcome, first)
         except Exception as exc:
+            recorded_effect = header(request, EFFECT_DONE_HEADER)
+            if recorded_effect is not None:
+                # The effect happened on an earlier delivery: never a dead letter, whatever failed now.
+                return self._done_not_recorded(exc, str(recorded_effect), first)
             transient = is_transient(exc)
             if transient and self._may_retry(first):
                 raise self._hand_back(exc, first) from exc
@@ -169,15 +173,15 @@ class IdempotentTask(Task):
             # message (requeue=False): hand it back instead, it runs again once the broker is back.
             raise Reject(reject.reason, requeue=True) from exc
 
-    def _done_not_recorded(self, failure: _DoneNotRecorded, first: float) -> None:
-        cause = failure.__cause__ or failure
+    def _done_not_recorded(self, cause: BaseException, outcome: str, first: float) -> None:
+        """The effect happened, its done record is missing: retry the record alone, within the budget."""
         key = self.request.id
         if self._may_retry(first):
             log.warning(
                 "%s %s: the effect happened, its done record failed (%s: %s); only the record is retried",
                 self.name, key, type(cause).__name__, cause,
             )  # fmt: skip
-            raise self._hand_back(cause, first, **{EFFECT_DONE_HEADER: failure.outcome}) from cause
+            raise self._hand_back(cause, first, **{EFFECT_DONE_HEADER: outcome}) from cause
         log.error(
             "%s %s: the effect happened, but its done record could not be stored within "
             "TASK_RETRY_FOR_SECONDS (%s: %s); a later duplicate delivery would repeat the effect",

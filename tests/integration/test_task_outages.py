@@ -32,6 +32,7 @@ from tests.faults.knobs import DELAY_ENV, FAULT_WORKER, FLAG_ENV, WINDOW_LOG
 from worker.app import app
 from worker.dead_letters import COLLECTION
 from worker.dedup import DedupStore
+from worker.idempotent import EFFECT_DONE_HEADER, FIRST_ATTEMPT_HEADER
 from worker.keys import dedup_key
 from worker.testing import configured
 
@@ -336,3 +337,25 @@ def test_the_budget_counts_from_the_first_attempt_across_retries(
     assert "ConnectionRefusedError" in letter["error"]
     assert took >= 4
     assert wait_until(lambda: broker_backlog(redis_server) == 0, 30)
+
+
+def test_a_delivery_whose_effect_happened_is_never_a_dead_letter(
+    redis_server: RedisServer,
+    mongodb_uri: str,
+    db: Database,
+    smtp: SmtpSink,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A retry that carries the effect-done header meets a dedup store that stays down past the budget:
+    # the effect happened, so there is nothing to dead-letter and the body must not run again.
+    env = worker_env(redis_server, mongodb_uri, db, smtp.port, TASK_MAX_RETRIES="2")
+    env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"  # the dedup store: connection refused
+    event = user_insert(users(1)[0])
+    key = dedup_key(event["_id"], WELCOME)
+    headers = {EFFECT_DONE_HEADER: "ok", FIRST_ATTEMPT_HEADER: time.time()}
+    with configured(**env):
+        result = app.tasks[WELCOME].apply(args=[event], task_id=key, headers=headers)
+    assert result.state == "SUCCESS"
+    assert smtp.messages == []  # the body did not run again
+    assert db[COLLECTION].count_documents({}) == 0
+    assert "its done record could not be stored within TASK_RETRY_FOR_SECONDS" in caplog.text
