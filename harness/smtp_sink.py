@@ -59,18 +59,23 @@ class SmtpSink:
         self._messages: list[ReceivedMessage] = []
         self._changed = threading.Condition()
         self._failures: list[str] = []
-        self._controller = Controller(_Handler(self), hostname=host, port=self.port, ready_timeout=10)
+        self._controller: Controller | None = None
 
     @property
     def url(self) -> str:
         return f"smtp://{self.host}:{self.port}"
 
     def start(self) -> SmtpSink:
+        """Listen (again, after stop(): same port, the messages received so far are kept)."""
+        self._controller = Controller(_Handler(self), hostname=self.host, port=self.port, ready_timeout=10)
         self._controller.start()
         return self
 
     def stop(self) -> None:
-        self._controller.stop()
+        """Stop listening: connections are refused (an SMTP outage) until start()."""
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
 
     def __enter__(self) -> SmtpSink:
         return self.start()
