@@ -705,6 +705,51 @@ def bad_documents(options: Options, result: Result) -> None:
         )
 
 
+# -- 8. an SMTP outage longer than the old retry budget ---------------------------------------------
+
+# The clock compressed: RETRY_BACKOFF_MAX 2 s instead of 300 s. The old count budget (8 retries) then
+# ended 16 s or less after a task's first attempt on an idle worker; with some 550 email tasks failing
+# together the workers are busy and a task's retries come every few seconds, so the outage lasts long
+# enough for many tasks to be retried more than 8 times (checked below, from the workers' logs). The
+# retry budget is the default TASK_RETRY_FOR_SECONDS (an hour), as a deployment would have it.
+SMTP_OUTAGE_SECONDS = 60.0
+SMTP_OUTAGE_SETTINGS = {"RETRY_BACKOFF_MAX": "2"}
+OLD_MAX_RETRIES = 8  # TASK_MAX_RETRIES's old default: the count budget this scenario outlives
+RETRY_LINE = re.compile(r"Task tasks\.\w+\[([0-9a-f-]{36})\] retry: ")
+
+
+def smtp_outage(options: Options, result: Result) -> None:
+    work = standard_workload(result)
+    with pipeline(result, options, extra_env=SMTP_OUTAGE_SETTINGS) as p:
+        assert p.sink is not None
+        writer = Writer(p.db, workload_writes(work), duration=6.0).begin()
+        time.sleep(1.0)
+        down_at = writer.elapsed()
+        p.sink.stop()  # connections refused: every email task fails and is retried
+        time.sleep(SMTP_OUTAGE_SECONDS)
+        p.sink.start()  # same port, the messages received before the outage kept
+        back = time.monotonic()
+        writer.finish()
+        effects = settle(p, result, Expected.of(work), since=max(back, writer.finished_at))
+        check_clean(result, effects)
+        retries = Counter(
+            key for worker in p.workers for key in RETRY_LINE.findall(worker.log_text(since_start=False))
+        )
+        outlived = sum(1 for count in retries.values() if count > OLD_MAX_RETRIES)
+        result.check(
+            f"tasks were retried more often than the old budget (TASK_MAX_RETRIES={OLD_MAX_RETRIES}) allowed",
+            outlived > 0,
+            f"most retries of one task: {max(retries.values(), default=0)}",
+        )
+        result.notes.append(
+            f"SMTP sink down {down_at:.1f}-{down_at + SMTP_OUTAGE_SECONDS:.1f} s into the writes "
+            f"(RETRY_BACKOFF_MAX={SMTP_OUTAGE_SETTINGS['RETRY_BACKOFF_MAX']} s, TASK_RETRY_FOR_SECONDS "
+            f"default); {len(retries)} task(s) retried, {outlived} more than {OLD_MAX_RETRIES} times "
+            f"(up to {max(retries.values(), default=0)}); {effects.doubled_emails} same-Message-ID "
+            "email copies"
+        )
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(1, "listener SIGKILLed 5x, restarted", listener_killed),
     Scenario(2, "worker SIGKILLed mid-task", worker_killed),
@@ -713,6 +758,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(5, "history lost (small oplog)", history_lost),
     Scenario(6, "active listener killed, standby", failover),
     Scenario(7, "bad documents mixed in", bad_documents),
+    Scenario(8, "SMTP outage (60 s, > old retry budget)", smtp_outage),
 )
 
 
