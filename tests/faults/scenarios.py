@@ -745,8 +745,8 @@ def smtp_outage(options: Options, result: Result) -> None:
             f"SMTP sink down {down_at:.1f}-{down_at + SMTP_OUTAGE_SECONDS:.1f} s into the writes "
             f"(RETRY_BACKOFF_MAX={SMTP_OUTAGE_SETTINGS['RETRY_BACKOFF_MAX']} s, TASK_RETRY_FOR_SECONDS "
             f"default); {len(retries)} task(s) retried, {outlived} more than {OLD_MAX_RETRIES} times "
-            f"(up to {max(retries.values(), default=0)}); {effects.doubled_emails} same-Message-ID "
-            "email copies"
+            f"(each {min(retries.values(), default=0)}-{max(retries.values(), default=0)} times); "
+            f"{effects.doubled_emails} same-Message-ID email copies"
         )
 
 

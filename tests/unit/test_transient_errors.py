@@ -42,7 +42,11 @@ TRANSIENT_REPLIES = [
 ]
 
 
-@pytest.mark.parametrize("text", TRANSIENT_REPLIES, ids=lambda t: t.split()[0] + ("-script" if "@" in t else ""))
+def reply_id(text: str) -> str:
+    return text.split()[0] + ("-script" if "@" in text else "")
+
+
+@pytest.mark.parametrize("text", TRANSIENT_REPLIES, ids=reply_id)
 def test_redis_replies_that_mean_not_now_are_transient(text: str) -> None:
     assert is_transient(reply(text))
 
