@@ -1,6 +1,6 @@
 """The fault suite under pytest: one test per scenario, each asserting that scenario's expectations.
 
-    python -m pytest -m faults          # all seven, about 4-5 minutes; the table is printed at the end
+    python -m pytest -m faults          # all of them, several minutes; the table is printed at the end
     python -m pytest -m faults -k broker
 
 A scenario whose listener feature is missing (tests/faults/features.py) is xfail(strict=True) with the
