@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 from bson import ObjectId
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Retry, TimeLimitExceeded
 from pymongo.database import Database
 
 from harness.pipeline import wait_until
@@ -359,3 +359,35 @@ def test_a_delivery_whose_effect_happened_is_never_a_dead_letter(
     assert smtp.messages == []  # the body did not run again
     assert db[COLLECTION].count_documents({}) == 0
     assert "its done record could not be stored within TASK_RETRY_FOR_SECONDS" in caplog.text
+
+
+def test_a_lease_busy_copy_keeps_the_guards_headers(
+    redis_server: RedisServer, mongodb_uri: str, db: Database, smtp: SmtpSink
+) -> None:
+    # A delivery that only has to record the done key (the effect happened) and meets a held lease is
+    # re-published: the copy must still say so, or it would run the body (a second email).
+    env = worker_env(redis_server, mongodb_uri, db, smtp.port)
+    event = user_insert(users(1)[0])
+    key = dedup_key(event["_id"], WELCOME)
+    headers = {EFFECT_DONE_HEADER: "ok", FIRST_ATTEMPT_HEADER: 1234.5}
+    task = app.tasks[WELCOME]
+    with configured(**env):
+        store = DedupStore(redis.Redis.from_url(redis_server.url), done_ttl_seconds=60, lease_ttl_seconds=60)
+        store.claim(key, "another-delivery")
+        task.push_request(
+            id=key, args=[event], kwargs={}, retries=3, is_eager=False, called_directly=False,
+            delivery_info={"exchange": "", "routing_key": "celery"}, headers=headers,
+        )  # fmt: skip
+        try:
+            with pytest.raises(Retry):
+                task(event)
+        finally:
+            task.pop_request()
+        store.client.close()
+    broker = redis.Redis.from_url(redis_server.url)
+    [raw] = broker.lrange("celery", 0, -1)
+    broker.close()
+    sent = json.loads(raw)["headers"]
+    assert (sent["id"], sent["retries"]) == (key, 3)
+    assert (sent[EFFECT_DONE_HEADER], sent[FIRST_ATTEMPT_HEADER]) == ("ok", 1234.5)
+    assert smtp.messages == []
