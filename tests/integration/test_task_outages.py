@@ -1,6 +1,6 @@
 """The dedup guard against refusing dependencies, with real `celery -A ... worker` processes.
 
-- the dedup store's Redis answers OOM (maxmemory, noeviction) or READONLY (a replica): every task
+- the dedup store's Redis answers OOM (maxmemory, noeviction), READONLY (a replica) or BUSY: every task
   is retried with backoff and ends done once Redis takes writes again, no dead letter;
 - MongoDB refuses the dead letter (failCommand, Unauthorized): the message is handed back with
   backoff, not acked and forgotten; the dead letter appears once MongoDB takes it;
@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +34,7 @@ from tests.faults.knobs import DELAY_ENV, FAULT_WORKER, FLAG_ENV, WINDOW_LOG
 from worker.app import app
 from worker.dead_letters import COLLECTION
 from worker.dedup import DedupStore
+from worker.errors import is_transient
 from worker.idempotent import EFFECT_DONE_HEADER, FIRST_ATTEMPT_HEADER
 from worker.keys import dedup_key
 from worker.testing import configured
@@ -150,10 +153,36 @@ def make_readonly(client: redis.Redis, spare: RedisServer) -> Callable[[], None]
     return lambda: client.replicaof("NO", "ONE")  # promoted
 
 
+def make_busy(client: redis.Redis, spare: RedisServer) -> Callable[[], None]:
+    # A script that never ends: past busy-reply-threshold every other command is answered BUSY (a plain
+    # ResponseError in redis-py: classified by the reply's code).
+    client.config_set("busy-reply-threshold", 100)
+    spinner = redis.Redis.from_url(f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0")
+
+    def spin() -> None:
+        with contextlib.suppress(redis.exceptions.ResponseError):  # "Script killed by user"
+            spinner.eval("while true do end", 0)
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+
+    def recover() -> None:
+        client.script_kill()
+        thread.join(10)
+        spinner.close()
+
+    return recover
+
+
 @pytest.mark.parametrize(
     ("fault", "error"),
-    [(make_oom, redis.exceptions.OutOfMemoryError), (make_readonly, redis.exceptions.ReadOnlyError)],
-    ids=["OOM", "READONLY"],
+    [
+        (make_oom, redis.exceptions.OutOfMemoryError),
+        (make_readonly, redis.exceptions.ReadOnlyError),
+        (make_busy, redis.exceptions.ResponseError),
+    ],
+    ids=["OOM", "READONLY", "BUSY"],
 )
 def test_a_dedup_store_refusing_writes_delays_tasks_and_loses_none(
     fault: Callable[[redis.Redis, RedisServer], Callable[[], None]],
@@ -170,15 +199,16 @@ def test_a_dedup_store_refusing_writes_delays_tasks_and_loses_none(
     with RedisServer() as spare:
         recover = fault(client, spare)
         store = DedupStore(client, done_ttl_seconds=60, lease_ttl_seconds=60)
-        with pytest.raises(error):  # the fault is real
+        with pytest.raises(error) as refused:  # the fault is real
             store.claim("probe", "test")
+        assert is_transient(refused.value)
         worker = start_worker(env)
         people = users(4)
         keys = submit(env, [(task, user_insert(u)) for u in people for task in (WELCOME, PROFILE)])
 
         # Each task meets the fault more than once and is retried each time.
         assert wait_until(lambda: all(retries_logged(worker, k) >= 2 for k in keys), 90), worker.log_text()
-        assert error.__name__ in worker.log_text()
+        assert type(refused.value).__name__ in worker.log_text()
         assert db[COLLECTION].count_documents({}) == 0
         assert smtp.messages == [] and db.profiles.count_documents({}) == 0
 
