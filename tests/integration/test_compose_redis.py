@@ -1,16 +1,21 @@
 """docker-compose.yml's Redis set-up, run with the real redis-server (Docker is not needed): the server
 started with the compose service's own arguments requires the password from .env; the broker and
 dedup-store URLs the services get authenticate with it through redis-py and kombu; the healthcheck's
-redis-cli authenticates through REDISCLI_AUTH; and what Celery logs of the broker URL hides it."""
+redis-cli authenticates through REDISCLI_AUTH; Flower and a worker started with their compose
+environment work, Flower asks for FLOWER_BASIC_AUTH, and neither logs the password."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +25,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from harness.ports import free_port
-from tests.unit.test_compose import PASSWORD, configured
+from harness.processes import flower_process, worker_process
+from tests.unit.test_compose import FLOWER, PASSWORD, configured
 from worker.app import celery_config
 from worker.settings import Settings
 
@@ -110,3 +116,54 @@ def test_the_healthcheck_authenticates_through_rediscli_auth(
     assert healthy.stdout.strip() == "PONG"
     refused = subprocess.run(argv, env=base, capture_output=True, text=True, timeout=10)
     assert "NOAUTH" in refused.stdout + refused.stderr
+
+
+def service_env(compose: dict[str, Any], name: str, port: int) -> dict[str, str]:
+    """The compose service's environment, with its Redis URLs pointed at this test's server."""
+    environment = dict(compose[name]["environment"])
+    for key in ("CELERY_BROKER_URL", "REDIS_URL"):
+        environment[key] = local(environment[key], port)
+    return environment
+
+
+def test_flower_asks_for_the_basic_auth_of_its_setting_and_logs_no_password(
+    compose: dict[str, Any], compose_redis: int, tmp_path: Path
+) -> None:
+    port = free_port()
+    flower = flower_process(service_env(compose, "flower", compose_redis), port, log_dir=tmp_path)
+    flower.start(timeout=60)
+    try:
+        url = f"http://127.0.0.1:{port}/workers"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        user, password = FLOWER.split(":", 1)
+        wrong = urllib.request.Request(url, headers={"Authorization": basic(user, "not-it")})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(wrong, timeout=10)
+        assert refused.value.code == 401
+        right = urllib.request.Request(url, headers={"Authorization": basic(user, password)})
+        with urllib.request.urlopen(right, timeout=10) as response:
+            assert response.status == 200
+        log = flower.log_text()
+        assert f"redis://:**@127.0.0.1:{compose_redis}/0" in log  # the "Broker:" line, masked
+        assert PASSWORD not in log
+    finally:
+        flower.stop()
+
+
+def test_a_worker_on_the_compose_broker_logs_no_password(
+    compose: dict[str, Any], compose_redis: int, tmp_path: Path
+) -> None:
+    worker = worker_process(service_env(compose, "worker", compose_redis), "compose-worker", log_dir=tmp_path)
+    worker.start(timeout=60)  # "ready.": connected to the broker with the password
+    try:
+        log = worker.log_text()
+        assert f"redis://:**@127.0.0.1:{compose_redis}/0" in log  # the banner's transport line
+        assert PASSWORD not in log
+    finally:
+        worker.stop()
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
