@@ -500,7 +500,11 @@ class _Layout:
     def of(cls, app: Celery) -> _Layout:
         conf = app.conf
         if not conf.broker_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"PipelinedPublisher needs a Redis broker, not {conf.broker_url!r}")
+            scheme = conf.broker_url.partition("://")[0]  # only the scheme: the URL may hold a password
+            raise ValueError(
+                "PipelinedPublisher needs a Redis broker (redis://, rediss:// or unix://), "
+                f"got scheme {scheme!r}"
+            )
         if (conf.broker_transport_options or {}).get("global_keyprefix"):
             raise ValueError("PipelinedPublisher does not support broker global_keyprefix")
         if conf.task_routes:

@@ -309,10 +309,12 @@ def test_unserializable_values_are_dead_lettered_and_the_rest_goes_through(
     assert len(queue.messages()) == 2
 
 
-def fail_point(mongo_client: pymongo.MongoClient, app_name: str, mode: Any, **data: Any) -> None:
-    mongo_client.admin.command(
+def fail_point(mongo_client: pymongo.MongoClient, app_name: str, mode: Any, **data: Any) -> int:
+    """Sets failCommand for the listener's client; how often it fired since it was last set."""
+    reply = mongo_client.admin.command(
         "configureFailPoint", "failCommand", mode=mode, data={"appName": app_name, **data}
     )
+    return int(reply["count"])
 
 
 @pytest.mark.needs_test_commands
@@ -347,20 +349,33 @@ def test_network_errors_reconnect_without_losing_events(
     running = start_listener()
     db.users.insert_one({"email": "a@example.com"})
     queue.wait(2)
-    # The next getMores and the reopening aggregates lose their connection a few times.
+    # The listener's next getMores and aggregates lose their connection, four times in a row. A fail
+    # point acts when a command arrives, so the getMore already waiting for events is spared and
+    # would hand over events written now unharmed: b and c are written only once the listener has
+    # seen the failure, so they can reach Redis through its reconnect only.
     fail_point(
         mongo_client, app_name, {"times": 4}, failCommands=["getMore", "aggregate"], closeConnection=True
     )
     try:
+        wait_for(lambda: "MongoDB error on stream" in caplog.text, "the listener's own reconnect")
         db.users.insert_one({"email": "b@example.com"})
         db.users.insert_one({"email": "c@example.com"})
-        messages = queue.wait(6)
+        wanted = {
+            (f"{user}@example.com", task)
+            for user in "abc"
+            for task in ("tasks.send_welcome_email", "tasks.create_profile")
+        }
+        messages = wait_for(lambda: wanted <= sent(m := queue.messages()) and m, "both tasks of b and c")
     finally:
-        fail_point(mongo_client, app_name, "off")
-    emails = [m["payload"]["fullDocument"]["email"] for m in messages]
-    assert sorted(set(emails)) == ["a@example.com", "b@example.com", "c@example.com"]
-    assert "MongoDB error on stream" in caplog.text  # the listener's own reconnect ran, not only pymongo's
+        fired = fail_point(mongo_client, app_name, "off")
+    assert fired == 4  # all four failures happened before b and c could be read
+    assert sent(messages) == wanted  # a re-published message would carry the same task id: harmless
     assert running.stop() == EXIT_OK
+
+
+def sent(messages: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(user email, task name) of each message."""
+    return {(m["payload"]["fullDocument"]["email"], m["task"]) for m in messages}
 
 
 def test_dropped_database_is_followed_after_the_invalidation(

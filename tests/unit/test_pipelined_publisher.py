@@ -336,3 +336,12 @@ def test_a_batch_takes_consecutive_lamport_clock_values() -> None:
     sent = json.loads(base64.b64decode(json.loads(commands[-1][2])["body"]))
     assert [e["clock"] for e in sent] == list(range(before + 2, before + 8))
     assert app.clock.forward() == before + 8  # the next event comes after the batch's
+
+
+def test_a_broker_it_cannot_use_is_named_without_its_password() -> None:
+    app = Celery("changeflow-unit", set_as_current=False)
+    app.conf.update(celery_config(Settings(celery_broker_url="amqp://changeflow:s3cret-pw@rabbit:5672//")))
+    publisher = PipelinedPublisher(app, client=FakeRedis())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"needs a Redis broker .*, got scheme 'amqp'") as refused:
+        publisher.publish(messages_for(event(1)))
+    assert "s3cret-pw" not in str(refused.value)
