@@ -150,6 +150,9 @@ def run_listener_core(
     settings = Settings(
         listener_batch_size=BATCH_SIZE,
         listener_max_await_ms=600_000,
+        # Settings require the lease and the health check to outlast a getMore's wait (no lease here).
+        listener_lease_ttl_seconds=3600,
+        listener_max_stall_seconds=3600,
         listener_stream_name=STREAM,
     )  # LISTENER_CHECKPOINT_INTERVAL_MS stays the default (1 s): a save per second, and one on stop
     listener = Listener(
