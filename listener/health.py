@@ -60,10 +60,14 @@ class HealthFile:
         if changed or time.monotonic() - self._written >= WRITE_EVERY:
             self.write()
 
+    def check_writable(self) -> None:
+        """Write the file now; OSError when it cannot be written (for a start-up check)."""
+        self.write(raise_errors=True)
+
     def progress(self) -> None:
         self.state["last_progress"] = time.time()
 
-    def write(self) -> None:
+    def write(self, raise_errors: bool = False) -> None:
         self._written = time.monotonic()
         document = {**self.state, "written_at": time.time()}
         try:
@@ -71,8 +75,9 @@ class HealthFile:
             temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             temporary.write_text(json.dumps(document))
             os.replace(temporary, self.path)
-        except OSError:  # a health file that cannot be written must not stop the stream
-            pass
+        except OSError:  # once running, a health file that cannot be written must not stop the stream
+            if raise_errors:
+                raise
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):

@@ -200,6 +200,13 @@ class PipelinedPublisher:
                 sender.send("PUBLISH", topic, grouped)
         return rejected
 
+    def check(self) -> None:
+        """ValueError (URL masked) when this publisher cannot work with the app's broker settings.
+
+        For start-up: only configuration is read, nothing connects.
+        """
+        self._get_layout()
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()

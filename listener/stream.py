@@ -14,6 +14,9 @@ Failures:
 - ChangeStreamHistoryLost (code 286: the checkpoint fell off the oplog): record the gap in
   `changeflow_gaps` (listener/gaps.py), then exit 3 (on_history_lost "fail") or, only when told
   ("resume-now"), log it at WARNING and continue from now. Never a silent skip, never a retry loop.
+- MongoDB refusing the listener's credentials (AuthenticationFailed, 18) or their rights (Unauthorized,
+  13): no retry can succeed until an operator fixes MONGODB_URI or the user's roles, so the listener
+  stops with the exit code of configuration errors (2), saying so in one line (URI masked).
 - Another non-resumable error: stop with a distinct exit code.
 - Invalidate (the watched database was dropped): log it and reopen after the invalidation.
 
@@ -47,7 +50,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from listener.backoff import Backoff
 from listener.checkpoints import CheckpointStore, FencedOut, ResumeToken
-from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK
+from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
 from listener.gaps import COLLECTION as GAPS_COLLECTION
 from listener.gaps import GapStore
 from listener.health import HealthFile
@@ -61,7 +64,7 @@ from listener.publish import (
     record_unpublishable,
 )
 from listener.routes import ROUTES, Route, compile_match
-from worker.settings import Settings, get_settings
+from worker.settings import Settings, get_settings, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,17 @@ HISTORY_LOST_MODES = ("fail", "resume-now")
 RESUMABLE_CODES = frozenset(
     {6, 7, 43, 63, 64, 89, 91, 133, 150, 189, 234, 262, 9001, 10107, 11600, 11602, 13388, 13435, 13436}
 )
+
+# MongoDB refused the credentials (AuthenticationFailed) or what they may do (Unauthorized).
+ACCESS_DENIED_CODES = frozenset({13, 18})
+
+
+class AccessDenied(Exception):
+    """MongoDB refused the listener's credentials or their rights: a configuration error."""
+
+
+def is_access_denied(exc: BaseException) -> bool:
+    return isinstance(exc, OperationFailure) and exc.code in ACCESS_DENIED_CODES
 
 
 def buffered_events(stream: ChangeStream[Any]) -> int:
@@ -219,6 +233,9 @@ class Listener:
                     self._step_down(exc)
             log.info("listener stopped (was %s)", self.role)
             return EXIT_OK
+        except AccessDenied as exc:
+            log.error("%s; exiting with code %d", exc, EXIT_USAGE)
+            return EXIT_USAGE
         finally:
             self._release()
 
@@ -298,6 +315,7 @@ class Listener:
             except BrokerUnavailable as exc:
                 self._wait(exc, "broker unavailable, holding %d unpublished tasks", self._pending_tasks())
             except PyMongoError as exc:
+                self._refuse_if_denied(exc)
                 if isinstance(exc, OperationFailure) and exc.code == HISTORY_LOST:
                     code = self._history_lost(exc)
                     if code is not None:
@@ -531,7 +549,18 @@ class Listener:
         return None
 
     # -- waiting, stopping, summaries ---------------------------------------------------------------
+    def _refuse_if_denied(self, exc: Exception) -> None:
+        """AccessDenied when `exc` says MongoDB refuses these credentials: retrying cannot help."""
+        if is_access_denied(exc):
+            assert isinstance(exc, OperationFailure)
+            raise AccessDenied(
+                f"MongoDB refused access on stream {self.stream_name}: "
+                f"{(exc.details or {}).get('errmsg', exc)} (code {exc.code}); check the user, password "
+                f"and authSource of MONGODB_URI ({mask_url(self.settings.mongodb_uri)}) and the user's roles"
+            ) from exc
+
     def _wait(self, exc: Exception, what: str, *args: Any) -> None:
+        self._refuse_if_denied(exc)
         delay = self.backoff.next_delay()
         log.warning(what + "; retrying in %.1fs: %s", *args, delay, exc)
         deadline = time.monotonic() + delay

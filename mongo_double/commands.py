@@ -386,6 +386,14 @@ def cmd_connection_status(
     return {"authInfo": {"authenticatedUsers": [], "authenticatedUserRoles": []}}
 
 
+# This server has no users, so every authentication attempt fails the way mongod answers one for a user
+# it does not know: AuthenticationFailed (18), "Authentication failed." (mongod never says which part
+# was wrong). Whatever the mechanism (SCRAM's saslStart, X.509's authenticate), at its first step.
+@command("saslStart", "saslContinue", "authenticate")
+def cmd_authenticate(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
+    raise MongoError(18, "Authentication failed.")
+
+
 @command("whatsmyuri")
 def cmd_whatsmyuri(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     return {"you": conn.peer}
