@@ -132,11 +132,13 @@ def run(argv: Sequence[str]) -> int:
     try:
         # Importing anything from worker/ configures worker.app from the environment, so a bad
         # variable raises SettingsError (a ValueError) right here: report it cleanly, exit 2.
+        from listener.backpressure import Backpressure, BrokerQueueLength
         from listener.checkpoints import CheckpointStore
         from listener.health import HealthFile, default_path
         from listener.lease import Lease
         from listener.publish import make_publisher
         from listener.stream import Listener
+        from worker.app import app as worker_app
         from worker.settings import get_settings
 
         settings = get_settings()
@@ -162,6 +164,9 @@ def run(argv: Sequence[str]) -> int:
         check = getattr(publisher, "check", None)
         if check is not None:
             check()  # a broker URL the publisher cannot use fails now, not at the first event
+        backpressure = None
+        if settings.listener_max_queue_length:
+            backpressure = Backpressure(BrokerQueueLength(worker_app), settings.listener_max_queue_length)
         listener = Listener(
             db,
             publisher,
@@ -172,6 +177,7 @@ def run(argv: Sequence[str]) -> int:
             lease=lease,
             health=health,
             on_history_lost=args.on_history_lost,
+            backpressure=backpressure,
         )
     except (ValueError, ConfigurationError) as exc:
         log.error("invalid settings: %s", scrub(str(exc)))

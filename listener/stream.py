@@ -18,6 +18,10 @@ Failures:
   13): no retry can succeed until an operator fixes MONGODB_URI or the user's roles, so the listener
   stops with the exit code of configuration errors (2), saying so in one line (URI masked).
 - Another non-resumable error: stop with a distinct exit code.
+- Backpressure (`backpressure`, listener/backpressure.py): while the broker's queue holds
+  LISTENER_MAX_QUEUE_LENGTH messages or more, the loop reads nothing (the checkpoint stays before the
+  unread events) and looks again with a growing wait, renewing its lease and heartbeat, until the
+  queue is below 90 % of the bound.
 - Invalidate (the watched database was dropped): log it and reopen after the invalidation.
 
 Failover (with a `lease`, listener/lease.py): only the lease holder runs the stream; it claims the
@@ -49,6 +53,7 @@ from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from listener.backoff import Backoff
+from listener.backpressure import Backpressure, next_wait
 from listener.checkpoints import CheckpointStore, FencedOut, ResumeToken
 from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
 from listener.gaps import COLLECTION as GAPS_COLLECTION
@@ -142,7 +147,7 @@ class Listener:
     each message the serializer refused. Optional: `lease` (failover: only the lease holder runs,
     checkpoint saves are fenced with its epoch), `health` (the heartbeat file), `gaps` (where lost
     history is recorded; default `changeflow_gaps` in `db`), `on_history_lost` ("fail" or
-    "resume-now"; default LISTENER_ON_HISTORY_LOST).
+    "resume-now"; default LISTENER_ON_HISTORY_LOST), `backpressure` (the broker queue's bound).
     """
 
     def __init__(
@@ -161,6 +166,7 @@ class Listener:
         health: HealthFile | None = None,
         gaps: GapStore | None = None,
         on_history_lost: str | None = None,
+        backpressure: Backpressure | None = None,
     ) -> None:
         settings = settings or get_settings()
         if settings.listener_batch_size < 1:
@@ -181,6 +187,7 @@ class Listener:
         self.health = health
         self.gaps = gaps
         self.on_history_lost = on_history_lost
+        self.backpressure = backpressure
         self.stream_name = self.settings.listener_stream_name
         self.pipeline = [{"$match": compile_match(self.routes)}]  # fails early on an empty route table
         self.stats = Stats()
@@ -383,6 +390,7 @@ class Listener:
     def _follow(self, stream: ChangeStream[Any]) -> None:
         """Batches until stop() or until the stream closes (invalidate): the caller reopens it."""
         while not self.stopping:
+            self._hold_while_queue_full()
             started = datetime.now(UTC)
             events, token = self._collect(stream)
             self._beat()  # a getMore returned: the loop is alive
@@ -406,6 +414,42 @@ class Listener:
                     self.db.name, _show(self._position),
                 )  # fmt: skip
                 return
+
+    def _hold_while_queue_full(self) -> None:
+        """Read nothing while the broker's queue is at the bound (see the module docstring)."""
+        bound = self.backpressure
+        if bound is None:
+            return
+        queued = bound.full()  # BrokerUnavailable: _run_active backs off and retries
+        if queued is None:
+            return
+        log.warning(
+            "broker queue holds %d messages, LISTENER_MAX_QUEUE_LENGTH is %d: pausing the change stream "
+            "of stream %s until the queue is below %d (checkpoint %s waits)",
+            queued, bound.limit, self.stream_name, bound.resume_below, _show(self._saved),
+        )  # fmt: skip
+        paused_at = time.monotonic()
+        if self.health is not None:
+            self.health.paused(queued, bound.limit)
+        wait: float | None = None
+        try:
+            while not self.stopping and queued >= bound.resume_below:
+                wait = next_wait(wait)
+                self._stopping.wait(wait)
+                self._beat()
+                self._keep_lease()
+                self._idle_checkpoint()  # delivered events not saved yet: saved when due, as when idle
+                queued = bound.queue_length()
+                if self.health is not None:
+                    self.health.paused(queued, bound.limit)
+        finally:
+            if self.health is not None:
+                self.health.resumed()
+        if not self.stopping:
+            log.info(
+                "broker queue down to %d messages after %.1fs: resuming the change stream of stream %s",
+                queued, time.monotonic() - paused_at, self.stream_name,
+            )  # fmt: skip
 
     def _collect(self, stream: ChangeStream[Any]) -> tuple[list[Mapping[str, Any]], ResumeToken | None]:
         """Up to batch-size events and the resume token after them.
@@ -447,6 +491,8 @@ class Listener:
             rejected = self.publisher.publish(batch.messages)  # raises BrokerUnavailable
             published = len(batch.messages) - len(rejected)
             self.stats.tasks += published
+            if self.backpressure is not None:
+                self.backpressure.published(published)
             log.debug(
                 "published %d tasks for %d events, %d unpublishable", published, batch.events, len(rejected)
             )
