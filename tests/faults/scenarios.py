@@ -15,10 +15,12 @@ Every scenario runs the same way:
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 import re
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -705,6 +707,84 @@ def bad_documents(options: Options, result: Result) -> None:
         )
 
 
+# -- 9. a worker outage hits the queue bound ---------------------------------------------------------
+
+QUEUE_BOUND = 300  # LISTENER_MAX_QUEUE_LENGTH, well below the workload's 1,580 tasks
+BOUND_BATCH = 50  # LISTENER_BATCH_SIZE: the queue may pass the bound by one batch (2 tasks an event at most)
+HOLD_SECONDS = 3.0  # how long the paused listener is watched before the workers come
+
+
+class QueueWatch:
+    """Samples the length of the broker's task queue from a thread; remembers the highest."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=2)
+        self.highest = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="queue-watch", daemon=True)
+
+    def length(self) -> int:
+        return int(self.client.llen("celery"))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            with contextlib.suppress(redis.RedisError):
+                self.highest = max(self.highest, self.length())
+
+    def __enter__(self) -> QueueWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.client.close()
+
+
+def queue_bound(options: Options, result: Result) -> None:
+    work = standard_workload(result)
+    env = {"LISTENER_MAX_QUEUE_LENGTH": str(QUEUE_BOUND), "LISTENER_BATCH_SIZE": str(BOUND_BATCH)}
+    most = QUEUE_BOUND + 2 * BOUND_BATCH
+    with pipeline(result, options, workers=0, extra_env=env) as p:  # the workers are down at first
+        assert p.listener is not None and p.redis is not None
+        with QueueWatch(p.redis.url) as watch:
+            writer = Writer(p.db, workload_writes(work), duration=4.0).begin()
+            writer.finish()
+            p.listener.wait_for_log("pausing the change stream", timeout=30)
+            held = watch.length()
+            time.sleep(HOLD_SECONDS)
+            still = watch.length()
+            result.check(
+                f"the paused listener added nothing to the queue for {HOLD_SECONDS:.0f} s",
+                still == held,
+                f"queue {held} -> {still}",
+            )
+            result.check(
+                f"the queue stayed within the bound plus one batch ({most})",
+                watch.highest <= most,
+                f"highest {watch.highest}",
+            )
+            before_workers = watch.highest
+            restarted = time.monotonic()
+            for i in range(2):
+                p.start_worker(f"worker{i + 1}")
+            effects = settle(p, result, Expected.of(work), since=restarted)
+            result.check(
+                "the queue stayed within the bound while the workers drained it",
+                watch.highest <= most,
+                f"highest {watch.highest}",
+            )
+        resumed = p.listener.log_text().count("resuming the change stream")
+        result.check("the listener went on once the queue drained", resumed >= 1, "no 'resuming' logged")
+        check_no_doubled_emails(result, effects)
+        check_clean(result, effects)
+        result.notes.append(
+            f"no worker while the {work.events} events were written; LISTENER_MAX_QUEUE_LENGTH "
+            f"{QUEUE_BOUND}, batches of {BOUND_BATCH}: the queue peaked at {before_workers} before two "
+            f"workers started, {watch.highest} overall, the listener resumed {resumed} time(s)"
+        )
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(1, "listener SIGKILLed 5x, restarted", listener_killed),
     Scenario(2, "worker SIGKILLed mid-task", worker_killed),
@@ -713,6 +793,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(5, "history lost (small oplog)", history_lost),
     Scenario(6, "active listener killed, standby", failover),
     Scenario(7, "bad documents mixed in", bad_documents),
+    Scenario(9, "worker outage hits the queue bound", queue_bound),
 )
 
 
