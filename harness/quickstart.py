@@ -23,6 +23,7 @@ from bson import ObjectId
 from harness.effects import compare, observe
 from harness.pipeline import LocalPipeline, wait_until
 from harness.workload import apply, plan
+from worker.settings import mask_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipeline.start()
         assert pipeline.sink is not None and pipeline.redis is not None
-        print(f"  MongoDB   {pipeline.mongodb_uri}  (database {pipeline.db_name})")
+        print(f"  MongoDB   {mask_url(pipeline.mongodb_uri)}  (database {pipeline.db_name})")
         print(f"  Redis     {pipeline.redis.url}")
         print(f"  SMTP sink {pipeline.sink.url}")
         print(f"  logs      {pipeline.log_dir}")
