@@ -41,7 +41,10 @@ def mask_url(url: str) -> str:
 
     For every URL that is logged or put in an error message: redis://:****@host:6379/0,
     mongodb://user:****@a,b/?replicaSet=rs0. The user name stays, to say which account is meant.
+    kombu's lists of URLs (`sentinel://:pw@a:26379;sentinel://:pw@b:26379`) are masked one by one.
     """
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
     if not sep:
         return _SECRET_PARAMETER.sub(lambda m: m.group(1) + MASK, url)
@@ -59,6 +62,8 @@ def mask_url(url: str) -> str:
 
 def url_secrets(url: str) -> list[str]:
     """The passwords in `url` as written and percent-decoded (what a library may echo back)."""
+    if ";" in url:
+        return sorted({s for part in url.split(";") for s in url_secrets(part)}, key=len, reverse=True)
     found = []
     _, sep, rest = url.partition("://")
     head = re.split(r"[?#]", rest, maxsplit=1)[0] if sep else ""

@@ -155,6 +155,10 @@ def test_an_srv_uri_is_checked_without_any_dns_lookup() -> None:
         ("mongodb://app:s3cret@a:1,b:2/db?replicaSet=rs0", "mongodb://app:****@a:1,b:2/db?replicaSet=rs0"),
         ("mongodb://app:p@ss/w@rd@host/", "mongodb://app:****@host/"),  # unescaped @ and / in it
         ("unix://:s3cret@/run/redis.sock?db=0", "unix://:****@/run/redis.sock?db=0"),
+        (
+            "sentinel://:a1@s1:26379;sentinel://:b2@s2:26379",
+            "sentinel://:****@s1:26379;sentinel://:****@s2:26379",
+        ),
         ("not a url", "not a url"),
     ],
 )
