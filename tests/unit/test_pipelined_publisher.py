@@ -340,7 +340,8 @@ def test_a_batch_takes_consecutive_lamport_clock_values() -> None:
 
 def test_a_broker_it_cannot_use_is_named_without_its_password() -> None:
     app = Celery("changeflow-unit", set_as_current=False)
-    app.conf.update(celery_config(Settings(celery_broker_url="amqp://changeflow:s3cret-pw@rabbit:5672//")))
+    # Settings refuse this URL already (worker.settings); the publisher must not rely on that.
+    app.conf.update({**celery_config(Settings()), "broker_url": "amqp://changeflow:s3cret-pw@rabbit:5672//"})
     publisher = PipelinedPublisher(app, client=FakeRedis())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"needs a Redis broker .*, got scheme 'amqp'") as refused:
         publisher.publish(messages_for(event(1)))
