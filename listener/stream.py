@@ -56,6 +56,7 @@ from listener.backoff import Backoff
 from listener.backpressure import Backpressure, next_wait
 from listener.checkpoints import CheckpointStore, FencedOut, ResumeToken
 from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
+from listener.fragments import SPLIT_STAGE, FragmentError, Reassembler, server_splits_large_events
 from listener.gaps import COLLECTION as GAPS_COLLECTION
 from listener.gaps import GapStore
 from listener.health import HealthFile
@@ -206,6 +207,8 @@ class Listener:
         self._unsaved_events = False  # events delivered since the last checkpoint save
         self._summary_at = 0.0
         self._open_gap: str | None = None  # a gap whose end is the next opened stream's start
+        self._fragments = Reassembler()  # a split event (over 16 MB) being read (listener/fragments.py)
+        self._splits: bool | None = None  # the server has $changeStreamSplitLargeEvent (None: not asked)
         self._standby_seen: tuple[str, int] | None = None
 
     def stop(self) -> None:
@@ -321,6 +324,8 @@ class Listener:
                     self._follow(stream)
             except BrokerUnavailable as exc:
                 self._wait(exc, "broker unavailable, holding %d unpublished tasks", self._pending_tasks())
+            except FragmentError as exc:  # not from a conforming server; reading it again may mend it
+                self._wait(exc, "broken split event on stream %s, reading it again", self.stream_name)
             except PyMongoError as exc:
                 self._refuse_if_denied(exc)
                 if isinstance(exc, OperationFailure) and exc.code == HISTORY_LOST:
@@ -357,13 +362,31 @@ class Listener:
             log.info("resuming stream %s after checkpoint %s", self.stream_name, _show(self._saved))
 
     def _open(self) -> ChangeStream[Any]:
+        self._fragments.reset()  # the stream starts before any event it holds a part of
         return self.db.watch(
-            self.pipeline,
+            self._watch_pipeline(),
             full_document="updateLookup",
             start_after=self._position,  # None: start now (see the module docstring for why not resume_after)
             max_await_time_ms=self.settings.listener_max_await_ms,
             batch_size=self.settings.listener_batch_size,
         )
+
+    def _watch_pipeline(self) -> list[dict[str, Any]]:
+        """The routes' $match, then $changeStreamSplitLargeEvent (always last) if the server has it.
+
+        Asked at every open: the server may have been upgraded, or a failover may have changed it.
+        """
+        splits = server_splits_large_events(self.db)
+        if splits != self._splits:
+            self._splits = splits
+            if splits:
+                log.info("events over 16 MB come split ($changeStreamSplitLargeEvent) and are reassembled")
+            else:
+                log.warning(
+                    "this MongoDB has no $changeStreamSplitLargeEvent (it needs 6.0.9 or 7.0+): a change "
+                    "event over 16 MB will stop the listener with BSONObjectTooLarge (10334)"
+                )
+        return [*self.pipeline, SPLIT_STAGE] if splits else list(self.pipeline)
 
     def _on_open(self, stream: ChangeStream[Any], opening: datetime) -> None:
         if self._open_gap is not None:
@@ -459,17 +482,25 @@ class Listener:
         is published at once instead of after max-await time), or after max-await time. If reading
         fails, the events read so far are dropped with the error: the stream reopens before them and
         reads them again.
+
+        The fragments of a split event (over 16 MB) are reassembled first; an event still incomplete
+        at the end is carried to the next call, and the token returned stays before its first
+        fragment until it is complete.
         """
         events: list[Mapping[str, Any]] = []
         deadline = time.monotonic() + self.settings.listener_max_await_ms / 1000
+        before = stream.resume_token  # the position before the next document
         while len(events) < self.settings.listener_batch_size and not self.stopping:
-            event = stream.try_next()
-            if event is None or event.get("operationType") == "invalidate":
+            document = stream.try_next()
+            if document is None or document.get("operationType") == "invalidate":
                 break  # after an invalidate the stream is closed: _follow reopens it
-            events.append(event)
+            event = self._fragments.feed(document, before)
+            before = document["_id"]  # a position after it: the next event may start there
+            if event is not None:
+                events.append(event)
             if not buffered_events(stream) or time.monotonic() >= deadline:
                 break
-        return events, stream.resume_token
+        return events, self._fragments.position(stream.resume_token)
 
     def _messages(self, events: Sequence[Mapping[str, Any]]) -> list[Message]:
         messages: list[Message] = []

@@ -71,7 +71,7 @@ class FakeStream:
             item()
             return None
         self.resume_token = item["_id"]
-        if item["operationType"] == "invalidate":
+        if item.get("operationType") == "invalidate":  # a fragment may not carry it
             self.alive = False
         return item
 
@@ -92,6 +92,11 @@ class FakeDatabase:
         self.opened: list[dict[str, Any]] = []
         self.initial_token = initial_token or token(0)
         self.listener: Listener | None = None
+        self.hello: dict[str, Any] = {"maxWireVersion": 21}  # MongoDB 7.0
+        self.version = [7, 0, 0, 0]
+
+    def command(self, name: str) -> dict[str, Any]:
+        return self.hello if name == "hello" else {"versionArray": self.version}
 
     def watch(self, pipeline: list[dict[str, Any]], **options: Any) -> FakeStream:
         self.opened.append({"pipeline": pipeline, **options})
