@@ -23,6 +23,9 @@ Failures:
   unread events) and looks again with a growing wait, renewing its lease and heartbeat, until the
   queue is below 90 % of the bound.
 - Invalidate (the watched database was dropped): log it and reopen after the invalidation.
+- A change event over 16 MB comes split ($changeStreamSplitLargeEvent, the pipeline's last stage when
+  the server has it) and is reassembled before routing (listener/fragments.py); the position never
+  stops inside it.
 
 Failover (with a `lease`, listener/lease.py): only the lease holder runs the stream; it claims the
 checkpoint with its epoch before loading it, renews the lease from this loop (never from a thread:
