@@ -195,3 +195,17 @@ def test_an_insert_over_16mb_is_refused(mongo_client: pymongo.MongoClient, db: D
     assert answer["writeErrors"][0]["code"] == 2  # BadValue
     assert "object to insert too large" in answer["writeErrors"][0]["errmsg"]
     assert db.orders.count_documents({}) == 0
+
+
+def test_pre_and_post_images_over_16mb_are_split_too(db: Database) -> None:
+    db.create_collection("orders", changeStreamPreAndPostImages={"enabled": True})
+    db.orders.insert_one({"_id": 1, "big": "a" * (9 * MB)})
+    options = {"full_document": "whenAvailable", "full_document_before_change": "whenAvailable"}
+    with db.orders.watch(SPLIT, max_await_time_ms=AWAIT_MS, **options) as stream:
+        db.orders.update_one({"_id": 1}, {"$set": {"more": "b" * (3 * MB)}})  # 12 MB + 9 MB + 3 MB
+        parts = fragments(stream)
+    merged = {k: v for p in parts for k, v in p.items() if k not in ("_id", "splitEvent")}
+    assert len(parts) == 2
+    assert merged["fullDocumentBeforeChange"] == {"_id": 1, "big": "a" * (9 * MB)}
+    assert merged["fullDocument"] == {"_id": 1, "big": "a" * (9 * MB), "more": "b" * (3 * MB)}
+    assert list(parts[1])[2:] == ["fullDocument"]  # the largest field comes last
