@@ -368,6 +368,8 @@ def open_stream(
     return ChangeStream(
         cursor_id, db, coll, cluster, stages, full_document, before, seq, min_ts,
         split=split, resume_fragment=resume_fragment,
+        # Until a later document passes, the position is the fragment token resumed from.
+        last_fragment=(pos.seq, pos.token()) if pos is not None and pos.fragment >= 0 else None,
     )  # fmt: skip
 
 
@@ -439,8 +441,10 @@ def next_batch(
             token = Position(pbrt.ts_seconds, pbrt.ts_inc, pbrt.seq, True).token()
         elif stream.stash:
             token = batch[-1].token  # mid-event or mid-batch: resume right after the last one returned
-        elif stream.last_fragment is not None and stream.last_fragment[0] == stream.seq:
-            token = stream.last_fragment[1]  # after a split event: its last fragment's token
+        elif stream.last_fragment is not None and (
+            stream.last_fragment[0] == stream.seq or stream.resume_fragment is not None
+        ):
+            token = stream.last_fragment[1]  # inside or after a split event: the last fragment passed
         else:
             token = log._position_of(stream.seq).token()
     return [item.doc for item in batch], token

@@ -110,6 +110,18 @@ def test_resume_from_a_fragment_token_returns_the_next_fragment(db: Database) ->
         assert next_event(resumed)["_id"] == after["_id"]
 
 
+def test_the_position_never_goes_back_before_the_fragment_resumed_from(db: Database) -> None:
+    with watch(db.orders, SPLIT) as stream:
+        large_update(db.orders)
+        parts = fragments(stream)
+    for resume_from in parts:  # nothing was written after the event
+        with watch(db.orders, SPLIT, resume_after=resume_from["_id"]) as resumed:
+            while resumed.try_next() is not None:
+                pass
+            assert resumed.resume_token is not None
+            assert resumed.resume_token["_data"] >= parts[-1]["_id"]["_data"]
+
+
 def test_resuming_from_a_fragment_token_needs_the_split_stage(db: Database) -> None:
     with watch(db.orders, SPLIT) as stream:
         large_update(db.orders)
