@@ -117,13 +117,16 @@ def run(argv: Sequence[str]) -> int:
         from listener.lease import Lease
         from listener.publish import make_publisher
         from listener.stream import Listener
+        from worker.serialization import MONGO_CLIENT_OPTIONS
         from worker.settings import get_settings
 
         settings = get_settings()
         if args.stream_name:
             settings = dataclasses.replace(settings, listener_stream_name=args.stream_name)
         stream = settings.listener_stream_name
-        client = pymongo.MongoClient(settings.mongodb_uri, appname="changeflow-listener")
+        client = pymongo.MongoClient(
+            settings.mongodb_uri, appname="changeflow-listener", **MONGO_CLIENT_OPTIONS
+        )
         db = client[settings.mongodb_db]
         lease = Lease(
             db,

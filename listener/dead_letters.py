@@ -436,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Importing worker/ configures worker.app from the environment: a bad variable raises here.
         import worker.app  # noqa: F401  (configures the Celery app the publisher sends through)
+        from worker.serialization import MONGO_CLIENT_OPTIONS
         from worker.settings import get_settings
 
         settings = get_settings()
@@ -443,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings.mongodb_uri,
             appname="changeflow-dead-letters",
             serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
+            **MONGO_CLIENT_OPTIONS,
         )
     except (ValueError, ConfigurationError) as exc:
         print(f"invalid settings: {exc}", file=sys.stderr)
