@@ -8,7 +8,7 @@ runs it only if the key is not *done* yet: replaying an effect that already happ
 
 `--refresh` re-reads the event's document (`documentKey._id` in `ns.db`/`ns.coll`) into
 `payload.fullDocument` first: needed when the task takes its data from the payload (the welcome
-email) and the document was fixed afterwards, and the only way to replay an `unpublishable` letter
+email) and the document was fixed afterwards, and the only way to replay an `unpublishable` or `undecodable` letter
 (its stored payload holds repr() strings in place of the values the serializer refused).
 
 Exit codes: 0 done (every selected letter replayed, or skipped for a stated reason), 1 the broker or
@@ -42,7 +42,7 @@ EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2
 
 COLLECTION = "changeflow_dead_letters"  # = worker.dead_letters.COLLECTION (not imported: see above)
-REASONS = ("permanent", "retries_exhausted", "unpublishable")
+REASONS = ("permanent", "retries_exhausted", "unpublishable", "undecodable")
 ERROR_WIDTH = 70  # the error column of the table, in characters
 SERVER_SELECTION_TIMEOUT_MS = 5_000
 
@@ -292,6 +292,11 @@ def replay_payload(letter: Mapping[str, Any], db: Database, refresh: bool) -> di
         raise NotReplayable(
             "unpublishable: the stored payload holds repr() strings for the values the serializer "
             "refused; fix the document, then replay with --refresh"
+        )
+    if letter.get("reason") == "undecodable":
+        raise NotReplayable(
+            "undecodable: the stored payload is what could be read of a message the worker could not "
+            "decode; replay with --refresh"
         )
     return dict(payload)
 
