@@ -8,8 +8,9 @@ runs it only if the key is not *done* yet: replaying an effect that already happ
 
 `--refresh` re-reads the event's document (`documentKey._id` in `ns.db`/`ns.coll`) into
 `payload.fullDocument` first: needed when the task takes its data from the payload (the welcome
-email) and the document was fixed afterwards, and the only way to replay an `unpublishable` or `undecodable` letter
-(its stored payload holds repr() strings in place of the values the serializer refused).
+email) and the document was fixed afterwards, and the only way to replay an `unpublishable` letter
+(its stored payload holds repr() strings in place of the values the serializer refused) or an
+`undecodable` one (its payload is what could be read of a message the worker could not decode).
 
 Exit codes: 0 done (every selected letter replayed, or skipped for a stated reason), 1 the broker or
 MongoDB was unavailable (the letters not published are left as they were), 2 usage: bad flags or
