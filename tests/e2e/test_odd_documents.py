@@ -141,8 +141,9 @@ def test_a_message_the_worker_cannot_decode_is_a_dead_letter_and_replays_with_re
         assert letter["payload"]["documentKey"] == {"_id": user["_id"]}
         assert letter["payload"]["fullDocument"]["prefs"] == {"__type__": "x", "__value__": 1}
         broker = redis.Redis.from_url(pipeline.redis.url)
-        # Acked: neither in the queue nor among kombu's unacked messages (it is the letter now).
-        assert (broker.llen("celery"), broker.hlen("unacked")) == (0, 0)
+        # Acked (just after the letter was stored): neither in the queue nor among kombu's unacked
+        # messages; it is the letter now.
+        assert wait_until(lambda: (broker.llen("celery"), broker.hlen("unacked")) == (0, 0), timeout=30)
         broker.close()
         assert not pipeline.sink.messages
 
