@@ -139,13 +139,16 @@ def run(argv: Sequence[str]) -> int:
         from listener.publish import make_publisher
         from listener.stream import Listener
         from worker.app import app as worker_app
+        from worker.serialization import MONGO_CLIENT_OPTIONS
         from worker.settings import get_settings
 
         settings = get_settings()
         if args.stream_name is not None:
             settings = dataclasses.replace(settings, listener_stream_name=args.stream_name)
         stream = settings.listener_stream_name
-        client = pymongo.MongoClient(settings.mongodb_uri, appname="changeflow-listener")
+        client = pymongo.MongoClient(
+            settings.mongodb_uri, appname="changeflow-listener", **MONGO_CLIENT_OPTIONS
+        )
         db = client[settings.mongodb_db]
         lease = Lease(
             db,
