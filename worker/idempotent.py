@@ -18,6 +18,7 @@ The key is the Celery task id, which the listener sets to `dedup_key(event["_id"
                              not acked and forgotten: it is handed back with backoff (a retry, same
                              id, key not done) and runs again; it then succeeds, or fails again and
                              tries its dead letter again. Backoff as for a transient error.
+                             (Under apply(), eager: no message to lose, the task fails.)
     done record refused   -> the effect happened but mark_done failed (Redis OOM, down, ...): the
                              message is handed back with a header saying so; the next delivery only
                              records the key as done, it does not run the body again. Past the
@@ -119,6 +120,10 @@ class IdempotentTask(Task):
                     request.id, args, kwargs, error, traceback.format_exc(), request.retries + 1, reason
                 )
             except Exception:
+                if request.is_eager:
+                    # apply(): no message to lose, the caller gets the failure (and would loop here).
+                    log.exception("could not record the dead letter of %s %s", self.name, request.id)
+                    raise exc from None
                 log.exception(
                     "could not record the dead letter of %s %s (%s: %s); the task runs again later",
                     self.name, request.id, reason, error,
