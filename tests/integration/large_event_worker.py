@@ -7,39 +7,16 @@ of its event (sizes and digests of the large fields, not the fields) is inserted
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
 from celery import Task
 
+from tests.integration.large_event_summary import SEEN, summary
 from worker.app import TASK_MODULES, app
 from worker.mongo import get_db
-
-SEEN = "large_event_seen"
-
-
-def digest(value: Any) -> dict[str, Any]:
-    text = value if isinstance(value, str) else repr(value)
-    return {"length": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}
-
-
-def summary(task: Task, event: Mapping[str, Any]) -> dict[str, Any]:
-    full = event.get("fullDocument") or {}
-    updated = (event.get("updateDescription") or {}).get("updatedFields") or {}
-    return {
-        "task": task.name,
-        "task_id": task.request.id,
-        "event_id": event.get("_id"),
-        "operationType": event.get("operationType"),
-        "fields": sorted(event),
-        "fullDocument": {k: digest(v) if isinstance(v, str) and len(v) > 64 else v for k, v in full.items()},
-        "updatedFields": {
-            k: digest(v) if isinstance(v, str) and len(v) > 64 else v for k, v in updated.items()
-        },
-    }
 
 
 def _recording(task: Task) -> None:
