@@ -421,3 +421,21 @@ def test_a_lease_busy_copy_keeps_the_guards_headers(
     assert (sent["id"], sent["retries"]) == (key, 3)
     assert (sent[EFFECT_DONE_HEADER], sent[FIRST_ATTEMPT_HEADER]) == ("ok", 1234.5)
     assert smtp.messages == []
+
+
+def test_under_apply_a_refused_dead_letter_fails_the_task_instead_of_looping(
+    redis_server: RedisServer, mongodb_uri: str, db: Database, smtp: SmtpSink
+) -> None:
+    # apply() has no message to lose: handing back would re-run the task in place for as long as
+    # MongoDB refuses. The caller gets the failure instead.
+    env = worker_env(redis_server, mongodb_uri, db, smtp.port)
+    event = user_insert(users(1, email=False)[0])
+    with configured(**env):
+        fail_dead_letter_writes(db, "alwaysOn")
+        try:
+            result = app.tasks[WELCOME].apply(args=[event], task_id=dedup_key(event["_id"], WELCOME))
+        finally:
+            fired = fail_dead_letter_writes(db, "off")
+    assert result.state == "FAILURE" and "no valid email address" in str(result.result)
+    assert fired == 1
+    assert db[COLLECTION].count_documents({}) == 0
