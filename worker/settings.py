@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import cache
 
+from worker.redis_conn import RedisTarget, RedisUrlError, parse_redis_url
+
 
 class SettingsError(ValueError):
     """A configuration variable has a value changeflow cannot use."""
@@ -25,6 +27,9 @@ class Settings:
     # Redis: the Celery broker, and the dedup store (defaults to the broker's server).
     celery_broker_url: str = "redis://localhost:6379/0"
     redis_url: str = ""
+    # Redis Sentinel: the master's name, required when a URL above is sentinel://host:port;... (the
+    # URL forms, TLS parameters included, are in worker/redis_conn.py).
+    redis_sentinel_master: str = ""
     # Outgoing mail.
     smtp_host: str = "localhost"
     smtp_port: int = 1025
@@ -88,6 +93,17 @@ class Settings:
         for name in ("mongodb_uri", "mongodb_db", "celery_broker_url", "smtp_host", "mail_from"):
             if not getattr(self, name):
                 raise SettingsError(f"{name.upper()} must not be empty")
+        self.redis_target("celery_broker_url")
+        self.redis_target("redis_url")
+
+    def redis_target(self, name: str = "celery_broker_url") -> RedisTarget:
+        """The Redis that CELERY_BROKER_URL or REDIS_URL (`name`) points at, TLS and Sentinel included."""
+        try:
+            return parse_redis_url(
+                getattr(self, name), master_name=self.redis_sentinel_master, setting=name.upper()
+            )
+        except RedisUrlError as exc:
+            raise SettingsError(str(exc)) from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

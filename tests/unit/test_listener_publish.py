@@ -39,9 +39,10 @@ def user_insert(data: str = "8201", **document: Any) -> dict[str, Any]:
 
 
 def celery_app(broker_url: str) -> Celery:
-    """An app configured exactly like worker.app, on another broker."""
+    """An app configured exactly like worker.app, on another broker (any kombu transport: settings
+    accept Redis URLs only, so the URL replaces the default one's)."""
     app = Celery("changeflow-test", set_as_current=False)
-    app.conf.update(celery_config(Settings(celery_broker_url=broker_url)))
+    app.conf.update({**celery_config(Settings()), "broker_url": broker_url})
     return app
 
 
