@@ -13,9 +13,10 @@ three. Two kinds of URL:
     ssl_check_hostname  true | false; default: true when certificates are required.
   kombu alone would connect to a bare `rediss://` without checking the certificate (with a warning):
   here the broker gets the same explicit options (`broker_use_ssl`) as the other clients.
-- `sentinel://[:PASSWORD@]HOST[:PORT][/DB];sentinel://HOST2[:PORT2]...` (kombu's form): Redis Sentinel.
-  The sentinels are asked for the current master of REDIS_SENTINEL_MASTER; the password and database
-  (of the first URL) are the master's. Sentinels themselves are reached without password or TLS.
+- `sentinel://[:PASSWORD@]HOST[:PORT][/DB];sentinel://HOST2[:PORT2][/DB]...` (kombu's form): Redis
+  Sentinel. The sentinels are asked for the current master of REDIS_SENTINEL_MASTER; the password (of
+  the first URL) and the database (the same on every URL) are the master's. Sentinels themselves are
+  reached without password or TLS.
 
 Pure parsing (`parse_redis_url`) is separate from making clients (`RedisTarget.client`), so the rules
 are unit-tested without a server. Error messages name the setting and never show the URL's password.
@@ -153,6 +154,7 @@ def _parse_server(url: str, setting: str) -> RedisTarget:
 
 def _parse_sentinel(url: str, master_name: str, setting: str) -> RedisTarget:
     hosts = []
+    dbs: set[int] = set()
     first = None
     for one in url.split(";"):
         parts = _split(one.strip(), setting)
@@ -163,11 +165,15 @@ def _parse_sentinel(url: str, master_name: str, setting: str) -> RedisTarget:
             # supported (the sentinels would need it too).
             raise RedisUrlError(f"{setting}: sentinel:// URLs take no ?parameters (TLS is not supported)")
         hosts.append((parts.hostname or "localhost", _port(parts, DEFAULT_SENTINEL_PORT, setting)))
+        dbs.add(_db(parts.path, None, setting))
         first = first or parts
     assert first is not None
+    if len(dbs) > 1:
+        # kombu reads the database of whichever URL it uses: they must not differ (none means 0).
+        raise RedisUrlError(f"{setting}: every URL of a Sentinel list must name the same /DB (none means 0)")
     return RedisTarget(
         hosts=tuple(hosts),
-        db=_db(first.path, None, setting),
+        db=dbs.pop(),
         username=unquote(first.username) if first.username else None,
         password=unquote(first.password) if first.password else None,
         master_name=master_name,

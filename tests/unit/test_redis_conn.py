@@ -93,7 +93,7 @@ def test_bad_urls_are_refused_naming_the_setting_without_the_password(url: str, 
 
 
 def test_sentinel_url_in_kombus_form() -> None:
-    url = "sentinel://:pw@s1:26380/2;sentinel://s2;sentinel://s3:26390/2"
+    url = "sentinel://:pw@s1:26380/2;sentinel://s2/2;sentinel://s3:26390/2"
     target = parse_redis_url(url, master_name="mymaster")
     assert target.sentinel and target.master_name == "mymaster"
     assert target.hosts == (("s1", 26380), ("s2", 26379), ("s3", 26390))
@@ -113,6 +113,8 @@ def test_sentinel_needs_the_master_name() -> None:
 def test_sentinel_refuses_mixed_lists_and_parameters() -> None:
     with pytest.raises(RedisUrlError, match="each URL of a Sentinel list"):
         parse_redis_url("sentinel://s1;redis://h", master_name="m")
+    with pytest.raises(RedisUrlError, match="the same /DB"):
+        parse_redis_url("sentinel://s1;sentinel://s2/1", master_name="m")
     with pytest.raises(RedisUrlError, match="TLS is not supported"):
         parse_redis_url("sentinel://s1?ssl_cert_reqs=none", master_name="m")
 
@@ -173,7 +175,7 @@ def test_celery_config_gives_kombu_the_sentinel_master() -> None:
         ("rediss://h/1?ssl_cert_reqs=CERT_NONE", ""),
         ("rediss://h/0?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem", ""),
         ("rediss://h/0?ssl_cert_reqs=optional&ssl_check_hostname=false", ""),
-        ("sentinel://:pw@s1:26380/2;sentinel://s2", "mymaster"),
+        ("sentinel://:pw@s1:26380/2;sentinel://s2/2", "mymaster"),
     ],
 )
 def test_the_publisher_reads_from_the_app_what_the_settings_say(url: str, master: str) -> None:
