@@ -40,6 +40,13 @@ class _OneClient:
         if client:
             yield client
             return
+        if self._pool is None and getattr(self.connection, "client", None) is None:  # type: ignore[attr-defined]
+            # The kombu connection is closed (after a broker error) and the channel, closing, tries to
+            # restore its unacked messages: nothing to connect with. kombu's own path fails here with
+            # an AttributeError that stops the worker ("Unrecoverable error"); a connection error is
+            # what closing ignores. The messages stay in the broker's unacked hash and come back
+            # after the visibility timeout.
+            raise redis.ConnectionError("broker connection closed")
         pool = self.pool  # kombu makes a new pool after _disconnect_pools(); follow it
         cached = self._sync_client
         if cached is None or cached.connection_pool is not pool:
