@@ -66,7 +66,9 @@ def until_it_works(
             time.sleep(0.3)
 
 
-def test_all_three_reach_the_master_the_sentinels_name(group: RedisSentinelGroup) -> None:
+def test_all_three_reach_the_master_the_sentinels_name(
+    group: RedisSentinelGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
     master = server_client(group.master().port)
     # The broker, as a worker's kombu connection makes it.
     broker.install()
@@ -74,6 +76,15 @@ def test_all_three_reach_the_master_the_sentinels_name(group: RedisSentinelGroup
     queue = Queue("sentinel-test", Exchange("sentinel-test"), routing_key="sentinel-test")
     with app.connection_for_write() as connection:
         assert isinstance(connection.transport, broker.SentinelTransport)
+        # One synchronous client per channel, as on the plain Redis transport (worker/broker.py).
+        channel = connection.default_channel
+        built: list[redis.Redis] = []
+        original = channel._create_client
+        monkeypatch.setattr(channel, "_create_client", lambda: built.append(original()) or built[-1])
+        for _ in range(3):
+            with channel.conn_or_acquire() as client:
+                client.ping()
+        assert len(built) == 1
         connection.Producer().publish(
             {"n": 1}, exchange=queue.exchange, routing_key="sentinel-test", declare=[queue]
         )
