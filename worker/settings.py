@@ -93,8 +93,11 @@ class Settings:
         for name in ("mongodb_uri", "mongodb_db", "celery_broker_url", "smtp_host", "mail_from"):
             if not getattr(self, name):
                 raise SettingsError(f"{name.upper()} must not be empty")
-        self.redis_target("celery_broker_url")
-        self.redis_target("redis_url")
+        targets = [self.redis_target("celery_broker_url"), self.redis_target("redis_url")]
+        if self.redis_sentinel_master and not any(target.sentinel for target in targets):
+            raise SettingsError(
+                "REDIS_SENTINEL_MASTER is set, but neither CELERY_BROKER_URL nor REDIS_URL is sentinel://"
+            )
 
     def redis_target(self, name: str = "celery_broker_url") -> RedisTarget:
         """The Redis that CELERY_BROKER_URL or REDIS_URL (`name`) points at, TLS and Sentinel included."""

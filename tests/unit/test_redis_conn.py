@@ -136,6 +136,11 @@ def test_settings_refuse_a_sentinel_url_without_master_name() -> None:
         Settings.from_env({"CELERY_BROKER_URL": "sentinel://s1:26379"})
 
 
+def test_settings_refuse_a_sentinel_master_without_a_sentinel_url() -> None:
+    with pytest.raises(SettingsError, match="REDIS_SENTINEL_MASTER is set, but"):
+        Settings.from_env({"CELERY_BROKER_URL": "redis://h:6379/0", "REDIS_SENTINEL_MASTER": "m"})
+
+
 def test_settings_refuse_a_bad_dedup_url_naming_it() -> None:
     with pytest.raises(SettingsError, match="REDIS_URL"):
         Settings.from_env({"REDIS_URL": "rediss://h/0?ssl_cert_reqs=sometimes"})
