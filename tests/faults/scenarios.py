@@ -33,6 +33,7 @@ from bson import ObjectId
 from bson.regex import Regex
 
 from harness.effects import Effects, observe
+from harness.pipeline import LocalPipeline
 from harness.processes import python_module
 from harness.workload import Workload, plan
 from listener.exit_codes import EXIT_HISTORY_LOST
@@ -356,7 +357,7 @@ def broker_restarted(options: Options, result: Result) -> None:
 
 
 def popped_by_the_restart(
-    p: FaultPipeline, work: Workload, effects: Effects, redis_dirs: list[Path] | None = None
+    p: LocalPipeline, work: Workload, effects: Effects, redis_dirs: list[Path] | None = None
 ) -> list[str]:
     """Lost user effects whose message Redis had accepted and no worker ever received.
 
