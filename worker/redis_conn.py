@@ -27,7 +27,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
 import redis.sentinel
@@ -140,7 +140,7 @@ def _parse_server(url: str, setting: str) -> RedisTarget:
         raise RedisUrlError(f"{setting}: TLS parameters ({', '.join(tls_params)}) need a rediss:// URL")
     tls = _tls(tls_params, setting) if parts.scheme == "rediss" else None
     db = _db(parts.path, params.pop("db", None), setting)
-    rest = "&".join(f"{key}={value}" for key, value in params.items())  # anything else: kombu's own
+    rest = urlencode(params)  # anything else: kombu's own
     kombu_url = url.split("?", 1)[0] + (f"?{rest}" if rest else "")
     return RedisTarget(
         hosts=((parts.hostname or "localhost", _port(parts, DEFAULT_PORT, setting)),),
