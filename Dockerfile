@@ -8,7 +8,7 @@ COPY worker ./worker
 COPY tasks ./tasks
 COPY harness ./harness
 COPY mongo_double ./mongo_double
-# The test extra brings aiosmtpd for the SMTP sink service.
-RUN pip install --no-cache-dir '.[test]'
+# The services' needs only: changeflow and aiosmtpd for the demo SMTP sink, no test tools.
+RUN pip install --no-cache-dir '.[smtp-sink]'
 USER nobody
 CMD ["python", "-m", "listener"]

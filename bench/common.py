@@ -123,7 +123,8 @@ class _IteratorStream:
 
 
 class _IteratorDatabase:
-    """Stands in for the watched Database: watch() returns the iterator stream. Nothing else is used."""
+    """Stands in for the watched Database: watch() returns the iterator stream; command() answers the
+    listener's hello (a MongoDB 7.0, which splits events over 16 MB). Nothing else is used."""
 
     def __init__(self, name: str, events: Iterable[Mapping[str, Any]]) -> None:
         self.name = name
@@ -133,6 +134,10 @@ class _IteratorDatabase:
     def watch(self, *args: Any, **kwargs: Any) -> _IteratorStream:
         assert self.listener is not None
         return _IteratorStream(self.events, self.listener.stop)
+
+    def command(self, name: str) -> dict[str, Any]:
+        assert name == "hello", name
+        return {"maxWireVersion": 21}
 
 
 def run_listener_core(
@@ -150,6 +155,9 @@ def run_listener_core(
     settings = Settings(
         listener_batch_size=BATCH_SIZE,
         listener_max_await_ms=600_000,
+        # Settings require the lease and the health check to outlast a getMore's wait (no lease here).
+        listener_lease_ttl_seconds=3600,
+        listener_max_stall_seconds=3600,
         listener_stream_name=STREAM,
     )  # LISTENER_CHECKPOINT_INTERVAL_MS stays the default (1 s): a save per second, and one on stop
     listener = Listener(

@@ -11,7 +11,9 @@ pymongo and prints the emails received, the profiles and the analytics counters.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
+import socket
 import sys
 import time
 from types import FrameType
@@ -21,6 +23,7 @@ from bson import ObjectId
 from harness.effects import compare, observe
 from harness.pipeline import LocalPipeline, wait_until
 from harness.workload import apply, plan
+from worker.settings import mask_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +41,20 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    taken = port_taken(args.flower_port)
+    if taken:
+        print(
+            f"quickstart: port {args.flower_port} (Flower) is taken ({taken}); "
+            "choose another with --flower-port N",
+            file=sys.stderr,
+        )
+        return 2
     print("starting redis-server, the MongoDB test server, an SMTP sink, the listener, 2 workers, Flower ...")
     pipeline = LocalPipeline(workers=2, flower_port=args.flower_port)
     try:
         pipeline.start()
         assert pipeline.sink is not None and pipeline.redis is not None
-        print(f"  MongoDB   {pipeline.mongodb_uri}  (database {pipeline.db_name})")
+        print(f"  MongoDB   {mask_url(pipeline.mongodb_uri)}  (database {pipeline.db_name})")
         print(f"  Redis     {pipeline.redis.url}")
         print(f"  SMTP sink {pipeline.sink.url}")
         print(f"  logs      {pipeline.log_dir}")
@@ -59,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         time.sleep(1)
         report(pipeline, finished)
+        print_operator_env(pipeline.env)
         if args.exit:
             return 0 if finished else 1
         print(f"\nFlower: http://127.0.0.1:{args.flower_port}   (Ctrl-C stops everything)")
@@ -86,6 +98,28 @@ def report(pipeline: LocalPipeline, finished: bool) -> None:
     for letter in effects.dead_letters:
         print(f"  {letter['task']} ({letter['reason']}): {letter['error']}")
     print("all expected effects arrived" if finished else "NOT all expected effects arrived in time")
+
+
+def port_taken(port: int) -> str | None:
+    """Why Flower could not listen on 127.0.0.1:`port`, or None when it can."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+# What the operator commands (`python -m listener dead-letters list`, `health`, ...) need.
+OPERATOR_SETTINGS = ("MONGODB_URI", "MONGODB_DB", "CELERY_BROKER_URL", "REDIS_URL")
+
+
+def print_operator_env(env: dict[str, str]) -> None:
+    print("\nto inspect this demo from another shell (while it runs):")
+    print("  . .venv/bin/activate")
+    for name in OPERATOR_SETTINGS:
+        print(f"  export {name}={shlex.quote(env[name])}")
+    print("  python -m listener dead-letters list")
 
 
 if __name__ == "__main__":

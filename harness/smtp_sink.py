@@ -5,6 +5,9 @@
         sink.wait_for(1, timeout=5)
         assert sink.count_by_message_id() == {"<key@changeflow>": 1}
 
+The sink offers SMTPUTF8 (RFC 6531: internationalized addresses such as `jörg@exämple.test`) like
+current mail servers do; `SmtpSink(smtputf8=False)` / `--no-smtputf8` is one that does not.
+
 `python -m harness.smtp_sink --port N` runs one in the foreground: it prints
 `ready smtp://127.0.0.1:PORT` once listening, then one line per received message.
 """
@@ -20,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from email import policy
 from email.message import EmailMessage
-from email.parser import BytesParser
+from email.parser import BytesParser, Parser
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -31,14 +34,34 @@ from harness.ports import free_port
 
 
 class ReceivedMessage(EmailMessage):
-    """A parsed message plus its SMTP envelope (which the headers need not match)."""
+    """A parsed message plus its SMTP envelope (which the headers need not match) and raw bytes."""
 
     envelope_from: str = ""
     envelope_rcpt: list[str]
+    mail_options: list[str]
+    raw: bytes = b""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.envelope_rcpt = []
+        self.mail_options = []
+
+
+def _parse(content: bytes) -> ReceivedMessage:
+    message = BytesParser(_class=ReceivedMessage, policy=policy.default).parsebytes(content)
+    assert isinstance(message, ReceivedMessage)
+    head = content.split(b"\r\n\r\n", 1)[0]
+    if not head.isascii():
+        # UTF-8 header fields (RFC 6532, sent with SMTPUTF8): the bytes parser leaves them as
+        # undecodable bytes inside structured headers (`addresses`), so parse the head as text.
+        text = Parser(policy=policy.default).parsestr(
+            head.decode("utf-8", "surrogateescape"), headersonly=True
+        )
+        for name in dict.fromkeys(message.keys()):
+            del message[name]
+        for name, value in text.items():
+            message[name] = value
+    return message
 
 
 class _Handler:
@@ -52,14 +75,16 @@ class _Handler:
 class SmtpSink:
     """An aiosmtpd server in a background thread; `messages` is what it accepted, in order."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", *, smtputf8: bool = True) -> None:
         self.host = host
         self.port = port or free_port()
         self.on_message: Callable[[ReceivedMessage], None] | None = None
         self._messages: list[ReceivedMessage] = []
         self._changed = threading.Condition()
         self._failures: list[str] = []
-        self._controller = Controller(_Handler(self), hostname=host, port=self.port, ready_timeout=10)
+        self._controller = Controller(
+            _Handler(self), hostname=host, port=self.port, ready_timeout=10, enable_SMTPUTF8=smtputf8
+        )
 
     @property
     def url(self) -> str:
@@ -83,10 +108,11 @@ class SmtpSink:
             if self._failures:
                 return self._failures.pop(0)  # an injected fault: the message is not kept
         content = envelope.content if isinstance(envelope.content, bytes) else str(envelope.content).encode()
-        message = BytesParser(_class=ReceivedMessage, policy=policy.default).parsebytes(content)
-        assert isinstance(message, ReceivedMessage)
+        message = _parse(content)
         message.envelope_from = envelope.mail_from or ""
         message.envelope_rcpt = list(envelope.rcpt_tos)
+        message.mail_options = list(envelope.mail_options)
+        message.raw = content
         with self._changed:
             self._messages.append(message)
             self._changed.notify_all()
@@ -137,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.smtp_sink", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--no-smtputf8", dest="smtputf8", action="store_false", help="do not offer SMTPUTF8 (RFC 6531)"
+    )
     args = parser.parse_args(argv)
     stop = threading.Event()
 
@@ -145,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    with SmtpSink(port=args.port, host=args.host) as sink:
+    with SmtpSink(port=args.port, host=args.host, smtputf8=args.smtputf8) as sink:
         sink.on_message = _print_message
         print(f"ready {sink.url}", flush=True)
         stop.wait()

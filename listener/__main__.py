@@ -7,9 +7,12 @@
     python -m listener dead-letters list|show|replay|purge ...   failed tasks (docs/dead_letters.md)
 
 Configuration comes from the environment (worker/settings.py); the flags only cover what an
-operator changes per process. Exit codes of the listener: 0 stopped on request, 2 bad flags or
-settings, 3 change stream history lost (the checkpoint fell off the oplog, with
---on-history-lost=fail), 4 other non-resumable MongoDB error. See docs/listener.md.
+operator changes per process. Everything is checked before the listener starts: a bad setting or flag
+(a health file it cannot write, a broker URL its publisher cannot use) stops it with one line naming
+it, passwords masked. Exit codes of the listener: 0 stopped on request, 2 bad flags or settings
+(also: MongoDB refuses the credentials of MONGODB_URI), 3 change stream history lost (the checkpoint
+fell off the oplog, with --on-history-lost=fail), 4 other non-resumable MongoDB error, 1 a crash
+(a bug; the traceback is logged with passwords masked). See docs/listener.md.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from types import FrameType
 
 import pymongo
 from pymongo.errors import ConfigurationError
 
-from listener.exit_codes import EXIT_USAGE
+from listener.exit_codes import EXIT_CRASH, EXIT_USAGE
 
 log = logging.getLogger("listener")
 
@@ -90,7 +94,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="PATH",
         help="heartbeat file (default: LISTENER_HEALTH_FILE, else /tmp/changeflow-listener-<stream>.json)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # An empty value given on purpose must not quietly mean the default (a typo'd variable in a script).
+    for flag, value in (("--stream-name", args.stream_name), ("--health-file", args.health_file)):
+        if value is not None and not value.strip():
+            parser.error(f"{flag} must not be empty")
+    if args.summary_interval <= 0 or args.idle_checkpoint_interval <= 0:
+        parser.error("--summary-interval and --idle-checkpoint-interval must be positive")
+    return args
+
+
+def scrub(text: str) -> str:
+    """`text` with the passwords of the URL settings masked (worker.settings.scrub)."""
+    try:
+        from worker.settings import scrub as scrub_passwords
+    except Exception:  # worker cannot be imported: its SettingsError messages mask URLs themselves
+        return text
+    return scrub_passwords(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,18 +132,23 @@ def run(argv: Sequence[str]) -> int:
     try:
         # Importing anything from worker/ configures worker.app from the environment, so a bad
         # variable raises SettingsError (a ValueError) right here: report it cleanly, exit 2.
+        from listener.backpressure import Backpressure, BrokerQueueLength
         from listener.checkpoints import CheckpointStore
         from listener.health import HealthFile, default_path
         from listener.lease import Lease
         from listener.publish import make_publisher
         from listener.stream import Listener
+        from worker.app import app as worker_app
+        from worker.serialization import MONGO_CLIENT_OPTIONS
         from worker.settings import get_settings
 
         settings = get_settings()
-        if args.stream_name:
+        if args.stream_name is not None:
             settings = dataclasses.replace(settings, listener_stream_name=args.stream_name)
         stream = settings.listener_stream_name
-        client = pymongo.MongoClient(settings.mongodb_uri, appname="changeflow-listener")
+        client = pymongo.MongoClient(
+            settings.mongodb_uri, appname="changeflow-listener", **MONGO_CLIENT_OPTIONS
+        )
         db = client[settings.mongodb_db]
         lease = Lease(
             db,
@@ -132,19 +157,33 @@ def run(argv: Sequence[str]) -> int:
             renew_seconds=settings.listener_lease_renew_seconds,
         )
         health_path = args.health_file or settings.listener_health_file or default_path(stream)
+        health = HealthFile(health_path, stream, owner=lease.owner)
+        try:
+            health.check_writable()  # else `health` would call a working listener unhealthy
+        except OSError as exc:
+            which = "--health-file" if args.health_file else "LISTENER_HEALTH_FILE"
+            raise ValueError(f"{which}: cannot write the health file {health_path}: {exc}") from None
+        publisher = make_publisher(settings)
+        check = getattr(publisher, "check", None)
+        if check is not None:
+            check()  # a broker URL the publisher cannot use fails now, not at the first event
+        backpressure = None
+        if settings.listener_max_queue_length:
+            backpressure = Backpressure(BrokerQueueLength(worker_app), settings.listener_max_queue_length)
         listener = Listener(
             db,
-            make_publisher(settings),
+            publisher,
             CheckpointStore(db),
             settings=settings,
             idle_checkpoint_seconds=args.idle_checkpoint_interval,
             summary_seconds=args.summary_interval,
             lease=lease,
-            health=HealthFile(health_path, stream, owner=lease.owner),
+            health=health,
             on_history_lost=args.on_history_lost,
+            backpressure=backpressure,
         )
     except (ValueError, ConfigurationError) as exc:
-        log.error("invalid settings: %s", exc)
+        log.error("invalid settings: %s", scrub(str(exc)))
         if client is not None:
             client.close()
         return EXIT_USAGE
@@ -163,6 +202,10 @@ def run(argv: Sequence[str]) -> int:
     gc.freeze()
     try:
         return listener.run()
+    except Exception:
+        # A bug: its traceback may quote a URL or an error message holding a password.
+        log.critical("listener crashed:\n%s", scrub(traceback.format_exc()))
+        return EXIT_CRASH
     finally:
         client.close()
 

@@ -1,6 +1,9 @@
 """The listener's process exit codes: each says why it stopped, so a supervisor can react."""
 
 EXIT_OK = 0  # stopped on request (SIGTERM/SIGINT) after finishing its batch
-EXIT_USAGE = 2  # bad flags or settings (argparse uses 2 as well)
+EXIT_CRASH = 1  # an unexpected exception (a bug): logged with its traceback, passwords masked
+# bad flags or settings (argparse uses 2 as well), an unwritable health file, or MongoDB refusing the
+# credentials of MONGODB_URI (AuthenticationFailed) or their rights (Unauthorized)
+EXIT_USAGE = 2
 EXIT_HISTORY_LOST = 3  # the checkpoint is older than the oplog: events were lost, a human decides
-EXIT_FATAL = 4  # any other non-resumable MongoDB error (auth, not a replica set, bad token, ...)
+EXIT_FATAL = 4  # any other non-resumable MongoDB error (not a replica set, bad token, ...)

@@ -4,10 +4,14 @@ The watch loop writes a small JSON file (LISTENER_HEALTH_FILE, default
 `/tmp/changeflow-listener-<stream>.json`), replaced atomically, at most once a second:
 
     {"pid", "stream", "owner", "role": "starting"|"standby"|"active", "epoch",
-     "last_heartbeat", "last_progress", "written_at"}      # times: Unix seconds (float), or null
+     "last_heartbeat", "last_progress", "written_at",      # times: Unix seconds (float), or null
+     "paused": null | {"since", "queued", "limit"}}
 
 - `last_heartbeat`: the loop made a turn: a getMore returned (active) or a lease poll ran (standby);
-- `last_progress`: a checkpoint was saved.
+- `last_progress`: a checkpoint was saved;
+- `paused`: the listener stopped reading because the broker's queue reached LISTENER_MAX_QUEUE_LENGTH
+  (listener/backpressure.py): since when, the queue's length at the last look, the bound. A paused
+  listener keeps its heartbeat: it is healthy, and `health` says it is paused.
 
 A loop that is blocked (a hung getMore, a process stopped with SIGSTOP, a broker outage that keeps
 the batch waiting) stops writing heartbeats; so `health` turns unhealthy after --max-stall seconds
@@ -51,6 +55,7 @@ class HealthFile:
             "epoch": None,
             "last_heartbeat": time.time(),
             "last_progress": None,
+            "paused": None,
         }
         self._written = 0.0
 
@@ -60,10 +65,27 @@ class HealthFile:
         if changed or time.monotonic() - self._written >= WRITE_EVERY:
             self.write()
 
+    def paused(self, queued: int, limit: int) -> None:
+        """Reading is paused by backpressure; written at once when it starts, then with heartbeats."""
+        started = self.state["paused"] is None
+        since = time.time() if started else self.state["paused"]["since"]
+        self.state["paused"] = {"since": since, "queued": queued, "limit": limit}
+        if started:
+            self.write()
+
+    def resumed(self) -> None:
+        if self.state["paused"] is not None:
+            self.state["paused"] = None
+            self.write()
+
+    def check_writable(self) -> None:
+        """Write the file now; OSError when it cannot be written (for a start-up check)."""
+        self.write(raise_errors=True)
+
     def progress(self) -> None:
         self.state["last_progress"] = time.time()
 
-    def write(self) -> None:
+    def write(self, raise_errors: bool = False) -> None:
         self._written = time.monotonic()
         document = {**self.state, "written_at": time.time()}
         try:
@@ -71,8 +93,9 @@ class HealthFile:
             temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             temporary.write_text(json.dumps(document))
             os.replace(temporary, self.path)
-        except OSError:  # a health file that cannot be written must not stop the stream
-            pass
+        except OSError:  # once running, a health file that cannot be written must not stop the stream
+            if raise_errors:
+                raise
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):
@@ -115,6 +138,14 @@ def check(path: Path, max_stall: float, ready: bool = False, now: float | None =
         )
     if ready and role != "active":
         return False, f"not ready: {role}, not the active listener ({who})"
+    paused = state.get("paused")
+    if isinstance(paused, dict):
+        since = paused.get("since")
+        how_long = f" for {now - since:.1f}s" if isinstance(since, int | float) else ""
+        who += (
+            f"; paused{how_long}: broker queue {paused.get('queued')} messages, "
+            f"LISTENER_MAX_QUEUE_LENGTH {paused.get('limit')}"
+        )
     return True, f"healthy: heartbeat {stalled:.1f}s ago, last checkpoint {progress_text} ({who})"
 
 

@@ -294,11 +294,15 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
         from listener.gaps import GapStore
         from listener.publish import BrokerUnavailable, make_publisher
         from listener.routes import ROUTES
+        from worker.serialization import MONGO_CLIENT_OPTIONS
         from worker.settings import get_settings
 
         settings = get_settings()
         client: pymongo.MongoClient = pymongo.MongoClient(
-            settings.mongodb_uri, appname="changeflow-reconcile", serverSelectionTimeoutMS=5_000
+            settings.mongodb_uri,
+            appname="changeflow-reconcile",
+            serverSelectionTimeoutMS=5_000,
+            **MONGO_CLIENT_OPTIONS,
         )
     except (ValueError, ConfigurationError) as exc:
         print(f"invalid settings: {exc}", file=sys.stderr)

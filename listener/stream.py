@@ -14,8 +14,18 @@ Failures:
 - ChangeStreamHistoryLost (code 286: the checkpoint fell off the oplog): record the gap in
   `changeflow_gaps` (listener/gaps.py), then exit 3 (on_history_lost "fail") or, only when told
   ("resume-now"), log it at WARNING and continue from now. Never a silent skip, never a retry loop.
+- MongoDB refusing the listener's credentials (AuthenticationFailed, 18) or their rights (Unauthorized,
+  13): no retry can succeed until an operator fixes MONGODB_URI or the user's roles, so the listener
+  stops with the exit code of configuration errors (2), saying so in one line (URI masked).
 - Another non-resumable error: stop with a distinct exit code.
+- Backpressure (`backpressure`, listener/backpressure.py): while the broker's queue holds
+  LISTENER_MAX_QUEUE_LENGTH messages or more, the loop reads nothing (the checkpoint stays before the
+  unread events) and looks again with a growing wait, renewing its lease and heartbeat, until the
+  queue is below 90 % of the bound.
 - Invalidate (the watched database was dropped): log it and reopen after the invalidation.
+- A change event over 16 MB comes split ($changeStreamSplitLargeEvent, the pipeline's last stage when
+  the server has it) and is reassembled before routing (listener/fragments.py); the position never
+  stops inside it.
 
 Failover (with a `lease`, listener/lease.py): only the lease holder runs the stream; it claims the
 checkpoint with its epoch before loading it, renews the lease from this loop (never from a thread:
@@ -46,8 +56,10 @@ from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from listener.backoff import Backoff
+from listener.backpressure import Backpressure, next_wait
 from listener.checkpoints import CheckpointStore, FencedOut, ResumeToken
-from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK
+from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
+from listener.fragments import SPLIT_STAGE, FragmentError, Reassembler, server_splits_large_events
 from listener.gaps import COLLECTION as GAPS_COLLECTION
 from listener.gaps import GapStore
 from listener.health import HealthFile
@@ -61,7 +73,7 @@ from listener.publish import (
     record_unpublishable,
 )
 from listener.routes import ROUTES, Route, compile_match
-from worker.settings import Settings, get_settings
+from worker.settings import Settings, get_settings, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +85,17 @@ HISTORY_LOST_MODES = ("fail", "resume-now")
 RESUMABLE_CODES = frozenset(
     {6, 7, 43, 63, 64, 89, 91, 133, 150, 189, 234, 262, 9001, 10107, 11600, 11602, 13388, 13435, 13436}
 )
+
+# MongoDB refused the credentials (AuthenticationFailed) or what they may do (Unauthorized).
+ACCESS_DENIED_CODES = frozenset({13, 18})
+
+
+class AccessDenied(Exception):
+    """MongoDB refused the listener's credentials or their rights: a configuration error."""
+
+
+def is_access_denied(exc: BaseException) -> bool:
+    return isinstance(exc, OperationFailure) and exc.code in ACCESS_DENIED_CODES
 
 
 def buffered_events(stream: ChangeStream[Any]) -> int:
@@ -128,7 +151,7 @@ class Listener:
     each message the serializer refused. Optional: `lease` (failover: only the lease holder runs,
     checkpoint saves are fenced with its epoch), `health` (the heartbeat file), `gaps` (where lost
     history is recorded; default `changeflow_gaps` in `db`), `on_history_lost` ("fail" or
-    "resume-now"; default LISTENER_ON_HISTORY_LOST).
+    "resume-now"; default LISTENER_ON_HISTORY_LOST), `backpressure` (the broker queue's bound).
     """
 
     def __init__(
@@ -147,6 +170,7 @@ class Listener:
         health: HealthFile | None = None,
         gaps: GapStore | None = None,
         on_history_lost: str | None = None,
+        backpressure: Backpressure | None = None,
     ) -> None:
         settings = settings or get_settings()
         if settings.listener_batch_size < 1:
@@ -167,6 +191,7 @@ class Listener:
         self.health = health
         self.gaps = gaps
         self.on_history_lost = on_history_lost
+        self.backpressure = backpressure
         self.stream_name = self.settings.listener_stream_name
         self.pipeline = [{"$match": compile_match(self.routes)}]  # fails early on an empty route table
         self.stats = Stats()
@@ -185,6 +210,8 @@ class Listener:
         self._unsaved_events = False  # events delivered since the last checkpoint save
         self._summary_at = 0.0
         self._open_gap: str | None = None  # a gap whose end is the next opened stream's start
+        self._fragments = Reassembler()  # a split event (over 16 MB) being read (listener/fragments.py)
+        self._splits: bool | None = None  # the server has $changeStreamSplitLargeEvent (None: not asked)
         self._standby_seen: tuple[str, int] | None = None
 
     def stop(self) -> None:
@@ -219,6 +246,9 @@ class Listener:
                     self._step_down(exc)
             log.info("listener stopped (was %s)", self.role)
             return EXIT_OK
+        except AccessDenied as exc:
+            log.error("%s; exiting with code %d", exc, EXIT_USAGE)
+            return EXIT_USAGE
         finally:
             self._release()
 
@@ -297,7 +327,10 @@ class Listener:
                     self._follow(stream)
             except BrokerUnavailable as exc:
                 self._wait(exc, "broker unavailable, holding %d unpublished tasks", self._pending_tasks())
+            except FragmentError as exc:  # not from a conforming server; reading it again may mend it
+                self._wait(exc, "broken split event on stream %s, reading it again", self.stream_name)
             except PyMongoError as exc:
+                self._refuse_if_denied(exc)
                 if isinstance(exc, OperationFailure) and exc.code == HISTORY_LOST:
                     code = self._history_lost(exc)
                     if code is not None:
@@ -332,13 +365,31 @@ class Listener:
             log.info("resuming stream %s after checkpoint %s", self.stream_name, _show(self._saved))
 
     def _open(self) -> ChangeStream[Any]:
+        self._fragments.reset()  # the stream starts before any event it holds a part of
         return self.db.watch(
-            self.pipeline,
+            self._watch_pipeline(),
             full_document="updateLookup",
             start_after=self._position,  # None: start now (see the module docstring for why not resume_after)
             max_await_time_ms=self.settings.listener_max_await_ms,
             batch_size=self.settings.listener_batch_size,
         )
+
+    def _watch_pipeline(self) -> list[dict[str, Any]]:
+        """The routes' $match, then $changeStreamSplitLargeEvent (always last) if the server has it.
+
+        Asked at every open: the server may have been upgraded, or a failover may have changed it.
+        """
+        splits = server_splits_large_events(self.db)
+        if splits != self._splits:
+            self._splits = splits
+            if splits:
+                log.info("events over 16 MB come split ($changeStreamSplitLargeEvent) and are reassembled")
+            else:
+                log.warning(
+                    "this MongoDB has no $changeStreamSplitLargeEvent (it needs 6.0.9 or 7.0+): a change "
+                    "event over 16 MB will stop the listener with BSONObjectTooLarge (10334)"
+                )
+        return [*self.pipeline, SPLIT_STAGE] if splits else list(self.pipeline)
 
     def _on_open(self, stream: ChangeStream[Any], opening: datetime) -> None:
         if self._open_gap is not None:
@@ -365,6 +416,7 @@ class Listener:
     def _follow(self, stream: ChangeStream[Any]) -> None:
         """Batches until stop() or until the stream closes (invalidate): the caller reopens it."""
         while not self.stopping:
+            self._hold_while_queue_full()
             started = datetime.now(UTC)
             events, token = self._collect(stream)
             self._beat()  # a getMore returned: the loop is alive
@@ -389,6 +441,42 @@ class Listener:
                 )  # fmt: skip
                 return
 
+    def _hold_while_queue_full(self) -> None:
+        """Read nothing while the broker's queue is at the bound (see the module docstring)."""
+        bound = self.backpressure
+        if bound is None:
+            return
+        queued = bound.full()  # BrokerUnavailable: _run_active backs off and retries
+        if queued is None:
+            return
+        log.warning(
+            "broker queue holds %d messages, LISTENER_MAX_QUEUE_LENGTH is %d: pausing the change stream "
+            "of stream %s until the queue is below %d (checkpoint %s waits)",
+            queued, bound.limit, self.stream_name, bound.resume_below, _show(self._saved),
+        )  # fmt: skip
+        paused_at = time.monotonic()
+        if self.health is not None:
+            self.health.paused(queued, bound.limit)
+        wait: float | None = None
+        try:
+            while not self.stopping and queued >= bound.resume_below:
+                wait = next_wait(wait)
+                self._stopping.wait(wait)
+                self._beat()
+                self._keep_lease()
+                self._idle_checkpoint()  # delivered events not saved yet: saved when due, as when idle
+                queued = bound.queue_length()
+                if self.health is not None:
+                    self.health.paused(queued, bound.limit)
+        finally:
+            if self.health is not None:
+                self.health.resumed()
+        if not self.stopping:
+            log.info(
+                "broker queue down to %d messages after %.1fs: resuming the change stream of stream %s",
+                queued, time.monotonic() - paused_at, self.stream_name,
+            )  # fmt: skip
+
     def _collect(self, stream: ChangeStream[Any]) -> tuple[list[Mapping[str, Any]], ResumeToken | None]:
         """Up to batch-size events and the resume token after them.
 
@@ -397,17 +485,25 @@ class Listener:
         is published at once instead of after max-await time), or after max-await time. If reading
         fails, the events read so far are dropped with the error: the stream reopens before them and
         reads them again.
+
+        The fragments of a split event (over 16 MB) are reassembled first; an event still incomplete
+        at the end is carried to the next call, and the token returned stays before its first
+        fragment until it is complete.
         """
         events: list[Mapping[str, Any]] = []
         deadline = time.monotonic() + self.settings.listener_max_await_ms / 1000
+        before = stream.resume_token  # the position before the next document
         while len(events) < self.settings.listener_batch_size and not self.stopping:
-            event = stream.try_next()
-            if event is None or event.get("operationType") == "invalidate":
+            document = stream.try_next()
+            if document is None or document.get("operationType") == "invalidate":
                 break  # after an invalidate the stream is closed: _follow reopens it
-            events.append(event)
+            event = self._fragments.feed(document, before)
+            before = document["_id"]  # a position after it: the next event may start there
+            if event is not None:
+                events.append(event)
             if not buffered_events(stream) or time.monotonic() >= deadline:
                 break
-        return events, stream.resume_token
+        return events, self._fragments.position(stream.resume_token)
 
     def _messages(self, events: Sequence[Mapping[str, Any]]) -> list[Message]:
         messages: list[Message] = []
@@ -429,6 +525,8 @@ class Listener:
             rejected = self.publisher.publish(batch.messages)  # raises BrokerUnavailable
             published = len(batch.messages) - len(rejected)
             self.stats.tasks += published
+            if self.backpressure is not None:
+                self.backpressure.published(published)
             log.debug(
                 "published %d tasks for %d events, %d unpublishable", published, batch.events, len(rejected)
             )
@@ -531,7 +629,18 @@ class Listener:
         return None
 
     # -- waiting, stopping, summaries ---------------------------------------------------------------
+    def _refuse_if_denied(self, exc: Exception) -> None:
+        """AccessDenied when `exc` says MongoDB refuses these credentials: retrying cannot help."""
+        if is_access_denied(exc):
+            assert isinstance(exc, OperationFailure)
+            raise AccessDenied(
+                f"MongoDB refused access on stream {self.stream_name}: "
+                f"{(exc.details or {}).get('errmsg', exc)} (code {exc.code}); check the user, password "
+                f"and authSource of MONGODB_URI ({mask_url(self.settings.mongodb_uri)}) and the user's roles"
+            ) from exc
+
     def _wait(self, exc: Exception, what: str, *args: Any) -> None:
+        self._refuse_if_denied(exc)
         delay = self.backoff.next_delay()
         log.warning(what + "; retrying in %.1fs: %s", *args, delay, exc)
         deadline = time.monotonic() + delay

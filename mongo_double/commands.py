@@ -22,6 +22,8 @@ from mongo_double import changestreams, storage
 from mongo_double.changestreams import ChangeStream, EventLog
 from mongo_double.cursors import DEFAULT_FIRST_BATCH, CursorTable, ResultCursor
 from mongo_double.errors import (
+    BSON_MAX_USER_SIZE,
+    BSON_OBJECT_TOO_LARGE,
     NON_RESUMABLE_CHANGE_STREAM_CODES,
     RESUMABLE_CHANGE_STREAM_CODES,
     RETRYABLE_WRITE_CODES,
@@ -289,7 +291,7 @@ def cmd_hello(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transa
                 "majorityOpTime": {"ts": now, "t": Int64(1)},
                 "majorityWriteDate": wall,
             },
-            "maxBsonObjectSize": 16 * 1024 * 1024,
+            "maxBsonObjectSize": BSON_MAX_USER_SIZE,
             "maxMessageSizeBytes": 48_000_000,
             "maxWriteBatchSize": 100_000,
             "localTime": wall,
@@ -316,7 +318,7 @@ def cmd_build_info(ctx: Context, conn: Connection, cmd: Command, db: str, txn: T
         "gitVersion": "mongo_double",
         "bits": 64,
         "debug": False,
-        "maxBsonObjectSize": 16 * 1024 * 1024,
+        "maxBsonObjectSize": BSON_MAX_USER_SIZE,
         "storageEngines": ["mongo_double"],
         "modules": [],
         "javascriptEngine": "none",
@@ -384,6 +386,14 @@ def cmd_connection_status(
     ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None
 ) -> Reply:
     return {"authInfo": {"authenticatedUsers": [], "authenticatedUserRoles": []}}
+
+
+# This server has no users, so every authentication attempt fails the way mongod answers one for a user
+# it does not know: AuthenticationFailed (18), "Authentication failed." (mongod never says which part
+# was wrong). Whatever the mechanism (SCRAM's saslStart, X.509's authenticate), at its first step.
+@command("saslStart", "saslContinue", "authenticate")
+def cmd_authenticate(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
+    raise MongoError(18, "Authentication failed.")
 
 
 @command("whatsmyuri")
@@ -606,6 +616,10 @@ def _change_stream_get_more(
     except MongoError as err:
         if err.code in RESUMABLE_CHANGE_STREAM_CODES and "ResumableChangeStreamError" not in err.labels:
             err.labels.append("ResumableChangeStreamError")
+        if err.code == BSON_OBJECT_TOO_LARGE:
+            # mongod's executor failed on the event: the cursor is gone, the error carries its context.
+            ctx.cursors.remove(stream.cursor_id)
+            err.errmsg = f"Executor error during getMore :: caused by :: {err.errmsg}"
         raise
     finally:
         stream.lock.release()
@@ -674,7 +688,12 @@ def cmd_aggregate(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Tr
         stream = changestreams.open_stream(
             ctx.log, ctx.cursors.new_id(), db, coll, pipeline[0]["$changeStream"], pipeline[1:]
         )
-        batch, pbrt = changestreams.next_batch(ctx.log, stream, batch_size, 0, _lookup(ctx))
+        try:
+            batch, pbrt = changestreams.next_batch(ctx.log, stream, batch_size, 0, _lookup(ctx))
+        except MongoError as err:
+            if err.code == BSON_OBJECT_TOO_LARGE:
+                err.errmsg = f"PlanExecutor error during aggregation :: caused by :: {err.errmsg}"
+            raise
         cursor_id = 0 if stream.invalidated else stream.cursor_id
         if cursor_id:
             ctx.cursors.add(stream)
@@ -690,6 +709,8 @@ def cmd_aggregate(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Tr
         name = next(iter(stage)) if isinstance(stage, dict) and stage else None
         if name == "$changeStream":
             raise MongoError(40602, "$changeStream is only valid as the first stage in a pipeline.")
+        if name == changestreams.SPLIT_STAGE:
+            raise MongoError(20, f"{name} can only be used in a $changeStream pipeline")
         if name not in mongomock.aggregate._PIPELINE_HANDLERS and name not in ("$replaceWith", "$unset"):
             raise MongoError(40324, f"Unrecognized pipeline stage name: '{name}'")
     if coll is None:

@@ -12,7 +12,9 @@ CODE_NAMES: dict[int, str] = {
     7: "HostNotFound",
     9: "FailedToParse",
     11: "UserNotFound",
+    13: "Unauthorized",
     14: "TypeMismatch",
+    18: "AuthenticationFailed",
     20: "IllegalOperation",
     26: "NamespaceNotFound",
     27: "IndexNotFound",
@@ -45,6 +47,7 @@ CODE_NAMES: dict[int, str] = {
     280: "ChangeStreamFatalError",
     286: "ChangeStreamHistoryLost",
     9001: "SocketException",
+    10334: "BSONObjectTooLarge",
     10107: "NotWritablePrimary",
     11000: "DuplicateKey",
     11600: "InterruptedAtShutdown",
@@ -64,6 +67,13 @@ RESUMABLE_CHANGE_STREAM_CODES = frozenset(
 # Codes for which mongod labels a retryable write RetryableWriteError.
 RETRYABLE_WRITE_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436})
 NON_RESUMABLE_CHANGE_STREAM_CODES = frozenset({280, 286})
+
+
+# mongod's BSON size limits (src/mongo/bson/util/builder.h): a user document, and what mongod can
+# serialize at all (the user limit plus headroom for its own fields around a document).
+BSON_MAX_USER_SIZE = 16 * 1024 * 1024
+BSON_MAX_INTERNAL_SIZE = BSON_MAX_USER_SIZE + 16 * 1024
+BSON_OBJECT_TOO_LARGE = 10334
 
 
 class MongoError(Exception):
@@ -113,6 +123,15 @@ class DuplicateKey(MongoError):
 
 class CloseConnection(Exception):
     """Raised by a fail point: drop the client's connection without answering."""
+
+
+def bson_object_too_large(size: int, first_element: str) -> MongoError:
+    """mongod's error for an object it cannot serialize (over BSON_MAX_INTERNAL_SIZE), word for word."""
+    return MongoError(
+        BSON_OBJECT_TOO_LARGE,
+        f"BSONObj size: {size} (0x{size:X}) is invalid. Size must be between 0 and "
+        f"{BSON_MAX_INTERNAL_SIZE}(16MB) First element: {first_element}",
+    )
 
 
 def command_not_found(name: str) -> MongoError:

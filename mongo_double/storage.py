@@ -21,7 +21,13 @@ import mongomock
 import pymongo.errors
 from bson import ObjectId
 
-from mongo_double.errors import DuplicateKey, MongoError
+from mongo_double.errors import (
+    BSON_MAX_INTERNAL_SIZE,
+    BSON_MAX_USER_SIZE,
+    DuplicateKey,
+    MongoError,
+    bson_object_too_large,
+)
 
 
 @dataclass
@@ -266,6 +272,11 @@ def insert(
             if "_id" not in doc:
                 # Servers put a generated _id first.
                 doc = {"_id": ObjectId(), **doc}
+            size = bson_size(doc)
+            if size > BSON_MAX_USER_SIZE:
+                raise MongoError(
+                    2, f"object to insert too large. size in bytes: {size}, max size: {BSON_MAX_USER_SIZE}"
+                )
             c.insert_one(doc)
         except Exception as exc:
             err = map_exception(exc, f"{db}.{coll}")
@@ -403,6 +414,9 @@ def update_statement(
             result = c.update_one(query, update_doc, upsert=True, array_filters=array_filters)
         new_id = result.upserted_id
         stored = by_id(c, new_id)
+        if stored is not None and bson_size(stored) > BSON_MAX_USER_SIZE:
+            c.delete_one({"_id": new_id})  # under the storage lock: nobody saw it
+            raise MongoError(17420, f"Document to upsert is larger than {BSON_MAX_USER_SIZE}")
         return (
             0,
             0,
@@ -474,6 +488,7 @@ def _update_one_document(
     after = by_id(c, before["_id"])
     if after is None or (after == before and list(after) == list(before)):
         return 0  # a no-op write: mongod logs no oplog entry, so no event either
+    _refuse_oversized(c, before, after)
     key = {"_id": before["_id"]}
     if replacement:
         records.append(ChangeRecord("replace", db, coll, key, after, before, images_enabled=images))
@@ -483,6 +498,22 @@ def _update_one_document(
             ChangeRecord("update", db, coll, key, after, before, description, images_enabled=images)
         )
     return 1
+
+
+def bson_size(doc: dict[str, Any]) -> int:
+    return len(bson.encode(doc))
+
+
+def _refuse_oversized(c: mongomock.Collection, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Undo an update whose result exceeds the document size limit, failing as mongod's update stage
+    does: 10334 when it cannot even build the object, else 17419."""
+    size = bson_size(after)
+    if size <= BSON_MAX_USER_SIZE:
+        return
+    c.replace_one({"_id": before["_id"]}, before)  # under the storage lock: nobody saw the result
+    if size > BSON_MAX_INTERNAL_SIZE:
+        raise bson_object_too_large(size, f"_id: {before['_id']!r}")
+    raise MongoError(17419, f"Resulting document after update is larger than {BSON_MAX_USER_SIZE}")
 
 
 def delete(

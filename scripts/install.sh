@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs what changeflow needs on a Debian machine with Python 3.11+: redis-server, redis-sentinel and
-# openssl (Debian packages; the Sentinel and TLS tests run them) when missing, and the project with its
-# test extras (pip, editable).
+# Installs what changeflow needs on a Debian machine with Python 3.11+: the Debian packages it runs
+# (redis-server, redis-sentinel and openssl for the Sentinel and TLS tests, and python3-venv where the
+# interpreter lacks it), then a project virtualenv (.venv, or $CHANGEFLOW_VENV) holding changeflow
+# with its test extras (pip, editable).
+# Never the system interpreter: Debian's is externally managed (PEP 668).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,12 +11,19 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the TLS tests make a private CA
+# Debian ships venv's ensurepip in a package of its own.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "install: ${missing[*]} missing, installing the Debian package(s)"
+  echo "install: installing Debian packages: ${missing[*]}"
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+venv="${CHANGEFLOW_VENV:-.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "install: creating the virtualenv $venv"
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]'

@@ -4,18 +4,28 @@ Building a message is pure (`welcome_email`, `shipping_email`); sending is plain
 Message-ID is derived from the dedup key, so the one duplicate the guard cannot prevent (a worker
 dying after the SMTP server accepted the mail, before the key was marked done) carries the same
 Message-ID as the original and the receiving side can drop it.
+
+Internationalized addresses (`jörg@exämple.test`, RFC 6531) go out as they are when the server
+offers SMTPUTF8 (smtplib's send_message then uses it). Without it, a domain is sent in its IDNA
+form (`jorg@xn--exmple-cua.test`, the same mailbox); a non-ASCII local part has no ASCII form, so
+that mail is a dead letter saying so. Text from user data (display names, order ids in subjects)
+loses bidi control characters, which could make a mail client show it in another order.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import smtplib
+import unicodedata
 from collections.abc import Mapping
 from decimal import Decimal
+from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formataddr, formatdate
+from email.utils import formatdate
 from typing import Any
 
+import idna
 from bson import Decimal128
 
 from worker import task
@@ -29,30 +39,104 @@ SMTP_TIMEOUT_SECONDS = 20
 # Deliberately simple: the mail server has the last word; this only stops what is surely wrong
 # (and anything with CR/LF, which could inject headers).
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+# Unicode's bidirectional formatting characters: the embeddings and overrides (U+202A-U+202E), the
+# isolates (U+2066-U+2069) and the invisible marks (LRM, RLM, ALM). One RLO in a name turns
+# "Ada\u202egnp.exe" into what a mail client shows as "Adaexe.png"; none belongs in a header.
+BIDI_CONTROLS = frozenset(
+    chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)
+)
+_DROP = dict.fromkeys(map(ord, BIDI_CONTROLS))
 
 
 def message_id(key: str) -> str:
     return f"<{key}@changeflow>"
 
 
+def clean_text(value: str) -> str:
+    """`value` fit for a header: one line, bidi controls and other control characters removed."""
+    text = " ".join(value.translate(_DROP).split())  # split() also takes CR/LF: no header injection
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cc")
+
+
 def valid_email(value: object) -> str:
     """The address, or PermanentTaskError when it is missing or not an address."""
-    if not isinstance(value, str) or not _EMAIL.fullmatch(value.strip()):
+    if (
+        not isinstance(value, str)
+        or not _EMAIL.fullmatch(value.strip())
+        or any(ch in BIDI_CONTROLS or unicodedata.category(ch) == "Cc" for ch in value)
+    ):
         raise PermanentTaskError(f"no valid email address: {value!r}")
     return value.strip()
 
 
+def ascii_address(address: str) -> str:
+    """`address` as a server without SMTPUTF8 can take it: the domain in IDNA form (A-labels).
+
+    PermanentTaskError when that cannot be: a non-ASCII local part has no ASCII equivalent (only
+    the receiving server knows what it means), or the domain is not a valid internationalized name.
+    """
+    if address.isascii():
+        return address
+    local, _, domain = address.rpartition("@")
+    if not local.isascii():
+        raise PermanentTaskError(
+            f"cannot send to {address!r}: the mail server does not offer SMTPUTF8, and the local part "
+            f"{local!r} is not ASCII (it has no ASCII form; only an SMTPUTF8 server can take it)"
+        )
+    try:
+        ascii_domain = idna.encode(domain, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise PermanentTaskError(
+            f"cannot send to {address!r}: the mail server does not offer SMTPUTF8, and the domain "
+            f"{domain!r} has no IDNA form ({exc})"
+        ) from exc
+    return f"{local}@{ascii_domain}"
+
+
+def without_smtputf8(message: EmailMessage) -> EmailMessage:
+    """`message` with every address in ASCII (`ascii_address`), for a server without SMTPUTF8.
+
+    The same message when all addresses already are; PermanentTaskError when one cannot be.
+    """
+    if all(_ascii_addresses(value) for value in message.values()):
+        return message
+    downgraded = copy.deepcopy(message)
+    items = downgraded.items()
+    for name in dict.fromkeys(downgraded.keys()):
+        del downgraded[name]
+    for name, value in items:  # in their order
+        if _ascii_addresses(value):
+            downgraded[name] = value
+        else:
+            downgraded[name] = [
+                _mailbox(a.display_name, ascii_address(f"{a.username}@{a.domain}")) for a in value.addresses
+            ]
+    return downgraded
+
+
+def _ascii_addresses(header: object) -> bool:
+    addresses: tuple[Address, ...] = getattr(header, "addresses", ())  # address headers only
+    return all(a.addr_spec.isascii() for a in addresses)
+
+
+def _mailbox(display_name: str, address: str) -> Address:
+    # username/domain rather than addr_spec: Address refuses to parse a non-ASCII local part, and
+    # formataddr refuses any non-ASCII address. Both are legal under SMTPUTF8.
+    local, _, domain = address.rpartition("@")
+    return Address(display_name=display_name, username=local, domain=domain)
+
+
 def _display_name(user: Mapping[str, Any]) -> str:
     name = user.get("name")
-    return " ".join(name.split()) if isinstance(name, str) else ""  # no newlines in headers
+    return clean_text(name) if isinstance(name, str) else ""
 
 
 def _base_message(user: Mapping[str, Any], *, key: str, mail_from: str, subject: str) -> EmailMessage:
     address = valid_email(user.get("email"))
     message = EmailMessage()
     message["From"] = mail_from
-    message["To"] = formataddr((_display_name(user), address))
-    message["Subject"] = subject
+    message["To"] = _mailbox(_display_name(user), address)
+    message["Subject"] = clean_text(subject)
     message["Date"] = formatdate(usegmt=True)
     message["Message-ID"] = message_id(key)
     return message
@@ -82,7 +166,7 @@ def shipping_email(
     """The notification that `order` is now `status` ("shipped" or "delivered")."""
     if status not in NOTIFIED_STATUSES:
         raise ValueError(f"no notification for status {status!r}")
-    order_id = order.get("_id")
+    order_id = clean_text(str(order.get("_id")))
     verb = "has shipped" if status == "shipped" else "has been delivered"
     message = _base_message(user, key=key, mail_from=mail_from, subject=f"Your order {order_id} {verb}")
     lines = [f"Hello {_display_name(user) or 'there'},", "", f"your order {order_id} {verb}."]
@@ -101,10 +185,16 @@ def new_status(event: Mapping[str, Any]) -> str | None:
 
 
 def send(message: EmailMessage) -> None:
-    """Hand `message` to SMTP_HOST:SMTP_PORT; 4xx replies are transient, 5xx permanent."""
+    """Hand `message` to SMTP_HOST:SMTP_PORT; 4xx replies are transient, 5xx permanent.
+
+    Non-ASCII addresses need the server's SMTPUTF8, or else their ASCII form (`without_smtputf8`).
+    """
     settings = get_settings()
     try:
         with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=SMTP_TIMEOUT_SECONDS) as smtp:
+            smtp.ehlo_or_helo_if_needed()
+            if not smtp.has_extn("smtputf8"):
+                message = without_smtputf8(message)
             smtp.send_message(message)
     except smtplib.SMTPRecipientsRefused as exc:
         codes = [code for code, _ in exc.recipients.values()]

@@ -7,6 +7,7 @@ The listener publishes through this same app, so both sides share the serializer
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -68,9 +69,7 @@ def configure() -> Settings:
     Called on import; tests call it again after changing the environment and clearing
     get_settings' cache.
     """
-    settings = get_settings()
-    if settings.retry_backoff_max + settings.task_time_limit >= settings.broker_visibility_timeout:
-        raise SettingsError("BROKER_VISIBILITY_TIMEOUT must exceed RETRY_BACKOFF_MAX + TASK_TIME_LIMIT")
+    settings = get_settings()  # SettingsError: worker/settings.py checks every variable
     register_bson_types()
     broker.install()
     app.conf.update(celery_config(settings))
@@ -106,4 +105,31 @@ def task(fn: Callable[..., Any]) -> Task:
     return registered
 
 
-configure()
+def _configure_on_import() -> None:
+    """configure(); bad settings under the `celery` command: one line on stderr and exit 2.
+
+    Celery's command line would catch the SettingsError and print "Unable to load celery application"
+    with the whole traceback. Anyone else importing worker gets the SettingsError (the listener
+    reports it as one line itself).
+    """
+    try:
+        configure()
+    except SettingsError as exc:
+        if not _loaded_by_celery_command():
+            raise
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None  # celery catches Exception only; 2 as for other usage errors
+
+
+def _loaded_by_celery_command() -> bool:
+    import click
+
+    context = click.get_current_context(silent=True)
+    if context is None:
+        return False
+    from celery.bin.celery import celery as celery_command
+
+    return context.find_root().command is celery_command
+
+
+_configure_on_import()

@@ -13,6 +13,7 @@ three. Two kinds of URL:
     ssl_check_hostname  true | false; default: true when certificates are required.
   kombu alone would connect to a bare `rediss://` without checking the certificate (with a warning):
   here the broker gets the same explicit options (`broker_use_ssl`) as the other clients.
+- `unix://[:PASSWORD@]/PATH/TO/SOCKET[?db=N]`: a local socket (redis-py; the dedup store only).
 - `sentinel://[:PASSWORD@]HOST[:PORT][/DB];sentinel://HOST2[:PORT2][/DB]...` (kombu's form): Redis
   Sentinel. The sentinels are asked for the current master of REDIS_SENTINEL_MASTER; the password (of
   the first URL) and the database (the same on every URL) are the master's. Sentinels themselves are
@@ -34,7 +35,7 @@ import redis.sentinel
 
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
-SCHEMES = ("redis", "rediss", "sentinel")
+SCHEMES = ("redis", "rediss", "unix", "sentinel")
 # The spellings redis-py documents (required/optional/none) and kombu's (the ssl module's names).
 CERT_REQS: dict[str, ssl.VerifyMode] = {
     "required": ssl.CERT_REQUIRED,
@@ -85,6 +86,7 @@ class RedisTarget:
     password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     tls: Tls | None = None
     master_name: str | None = None  # set for Sentinel
+    unix_path: str | None = None  # set for unix:// (a local socket; the dedup store only)
     # The URL for kombu: TLS parameters removed (they go in broker_use_ssl).
     kombu_url: str = field(default="", repr=False)
 
@@ -104,6 +106,8 @@ class RedisTarget:
             sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
             sentinels = redis.sentinel.Sentinel(list(self.hosts), sentinel_kwargs=sentinel_options)
             return sentinels.master_for(self.master_name, **auth, **options)
+        if self.unix_path is not None:
+            return redis.Redis(unix_socket_path=self.unix_path, **auth, **options)
         host, port = self.hosts[0]
         tls: dict[str, Any] = {"ssl": True, **self.tls.options()} if self.tls is not None else {}
         return redis.Redis(host=host, port=port, **auth, **tls, **options)
@@ -122,14 +126,33 @@ def parse_redis_url(url: str, *, master_name: str = "", setting: str = "CELERY_B
     """Read a changeflow Redis URL (see the module doc); raises RedisUrlError naming `setting`."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme not in SCHEMES:
-        raise RedisUrlError(f"{setting} must be a redis://, rediss:// or sentinel:// URL, got {mask(url)!r}")
+        raise RedisUrlError(
+            f"{setting} must be a redis://, rediss://, unix:// or sentinel:// URL, got {mask(url)!r}"
+        )
     if scheme == "sentinel":
         if not master_name:
             raise RedisUrlError(
                 f"REDIS_SENTINEL_MASTER must name the Sentinel master: {setting} is a sentinel:// URL"
             )
         return _parse_sentinel(url, master_name, setting)
+    if scheme == "unix":
+        return _parse_unix(url, setting)
     return _parse_server(url, setting)
+
+
+def _parse_unix(url: str, setting: str) -> RedisTarget:
+    parts = urlsplit(url)
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if not parts.path:
+        raise RedisUrlError(f"{setting}: a unix:// URL needs the socket's path")
+    return RedisTarget(
+        hosts=(),
+        db=_db("", params.get("db"), setting) if params.get("db") else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        unix_path=unquote(parts.path),
+        kombu_url=url,
+    )
 
 
 def _parse_server(url: str, setting: str) -> RedisTarget:

@@ -7,15 +7,86 @@ their configuration from here, so a variable means the same thing everywhere.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from email.utils import parseaddr
 from functools import cache
+from urllib.parse import unquote
+
+import redis.connection
+from pymongo import uri_parser
+from pymongo.errors import PyMongoError
 
 from worker.redis_conn import RedisTarget, RedisUrlError, parse_redis_url
 
 
 class SettingsError(ValueError):
     """A configuration variable has a value changeflow cannot use."""
+
+
+# URL schemes each consumer of a URL accepts: the Celery broker goes through kombu's Redis transport
+# (worker/broker.py), the dedup store through redis-py (which also takes unix sockets).
+BROKER_SCHEMES = ("redis", "rediss", "sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
+MONGODB_SCHEMES = ("mongodb", "mongodb+srv")
+# The variables holding URLs that may carry a password: what scrub() hides in any text.
+URL_VARIABLES = ("MONGODB_URI", "CELERY_BROKER_URL", "REDIS_URL")
+# Below this a getMore on an idle stream returns at once and the listener spins on the CPU.
+MIN_MAX_AWAIT_MS = 10
+MASK = "****"
+_SECRET_PARAMETER = re.compile(r"([?&][^=&#]*(?:password|secret|token)[^=&#]*=)([^&#]*)", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password (and any password/secret/token query parameter) replaced by ****.
+
+    For every URL that is logged or put in an error message: redis://:****@host:6379/0,
+    mongodb://user:****@a,b/?replicaSet=rs0. The user name stays, to say which account is meant.
+    kombu's lists of URLs (`sentinel://:pw@a:26379;sentinel://:pw@b:26379`) are masked one by one.
+    """
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _SECRET_PARAMETER.sub(lambda m: m.group(1) + MASK, url)
+    authority_end = len(rest)
+    for stop in "?#":
+        if stop in rest:
+            authority_end = min(authority_end, rest.index(stop))
+    head, tail = rest[:authority_end], rest[authority_end:]
+    if "@" in head:  # the last @ ends the user info: a password with an unescaped @ stays hidden
+        userinfo, _, hosts = head.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        head = f"{user}:{MASK}@{hosts}" if colon else f"{userinfo}@{hosts}"
+    return f"{scheme}://{head}{_SECRET_PARAMETER.sub(lambda m: m.group(1) + MASK, tail)}"
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords in `url` as written and percent-decoded (what a library may echo back)."""
+    if ";" in url:
+        return sorted({s for part in url.split(";") for s in url_secrets(part)}, key=len, reverse=True)
+    found = []
+    _, sep, rest = url.partition("://")
+    head = re.split(r"[?#]", rest, maxsplit=1)[0] if sep else ""
+    if "@" in head:
+        _, colon, password = head.rpartition("@")[0].partition(":")
+        if colon and password:
+            found.append(password)
+    found.extend(m.group(2) for m in _SECRET_PARAMETER.finditer(url) if m.group(2))
+    return sorted({*found, *(unquote(s) for s in found)} - {""}, key=len, reverse=True)
+
+
+def scrub(text: str, urls: list[str] | None = None) -> str:
+    """`text` with the passwords of `urls` (default: the URL variables of the environment) masked."""
+    if urls is None:
+        urls = [os.environ.get(name, "") for name in URL_VARIABLES]
+    for url in urls:
+        if url:
+            text = text.replace(url, mask_url(url))
+        for secret in url_secrets(url):
+            text = text.replace(secret, MASK)
+    return text
 
 
 @dataclass(frozen=True)
@@ -68,36 +139,21 @@ class Settings:
     # how long without a heartbeat `python -m listener health` accepts.
     listener_health_file: str = ""
     listener_max_stall_seconds: int = 30
+    # Backpressure: while the broker's task queue holds at least this many messages, the listener
+    # stops reading the change stream (the checkpoint waits) and goes on once the queue is below 90 %
+    # of it; nothing is dropped (0: no bound). listener/backpressure.py.
+    listener_max_queue_length: int = 100_000
 
     def __post_init__(self) -> None:
         if not self.redis_url:
             object.__setattr__(self, "redis_url", self.celery_broker_url)
-        if self.task_soft_time_limit >= self.task_time_limit:
-            raise SettingsError("TASK_SOFT_TIME_LIMIT must be smaller than TASK_TIME_LIMIT")
-        if self.broker_visibility_timeout <= self.task_time_limit:
-            raise SettingsError("BROKER_VISIBILITY_TIMEOUT must be longer than TASK_TIME_LIMIT")
-        if self.listener_on_history_lost not in ("fail", "resume-now"):
-            raise SettingsError(
-                f"LISTENER_ON_HISTORY_LOST must be fail or resume-now, got {self.listener_on_history_lost!r}"
-            )
-        if self.listener_publisher not in ("pipelined", "celery"):
-            raise SettingsError(
-                f"LISTENER_PUBLISHER must be pipelined or celery, got {self.listener_publisher!r}"
-            )
-        if not 1 <= self.listener_lease_renew_seconds < self.listener_lease_ttl_seconds:
-            raise SettingsError(
-                "LISTENER_LEASE_RENEW_SECONDS must be at least 1 and smaller than LISTENER_LEASE_TTL_SECONDS"
-            )
-        if self.listener_max_stall_seconds < 1:
-            raise SettingsError("LISTENER_MAX_STALL_SECONDS must be at least 1")
-        for name in ("mongodb_uri", "mongodb_db", "celery_broker_url", "smtp_host", "mail_from"):
-            if not getattr(self, name):
-                raise SettingsError(f"{name.upper()} must not be empty")
-        targets = [self.redis_target("celery_broker_url"), self.redis_target("redis_url")]
-        if self.redis_sentinel_master and not any(target.sentinel for target in targets):
-            raise SettingsError(
-                "REDIS_SENTINEL_MASTER is set, but neither CELERY_BROKER_URL nor REDIS_URL is sentinel://"
-            )
+        for problem in settings_problems(self):
+            raise SettingsError(problem)
+
+    def retry_span_seconds(self) -> int:
+        """The longest a task's retries can go on: each of TASK_MAX_RETRIES waits at most
+        RETRY_BACKOFF_MAX and runs at most TASK_TIME_LIMIT."""
+        return self.task_max_retries * (self.retry_backoff_max + self.task_time_limit)
 
     def redis_target(self, name: str = "celery_broker_url") -> RedisTarget:
         """The Redis that CELERY_BROKER_URL or REDIS_URL (`name`) points at, TLS and Sentinel included."""
@@ -127,6 +183,150 @@ class Settings:
             else:
                 values[field.name] = raw
         return cls(**values)  # type: ignore[arg-type]
+
+
+# Integer settings: (smallest, largest) value that works; None: no upper limit.
+INT_RANGES: dict[str, tuple[int, int | None]] = {
+    "smtp_port": (1, 65535),
+    "task_soft_time_limit": (1, None),
+    "task_time_limit": (1, None),
+    "task_max_retries": (0, None),
+    "retry_backoff_max": (1, None),
+    "broker_visibility_timeout": (1, None),
+    "dedup_ttl_seconds": (1, None),
+    "worker_event_flush_ms": (0, None),
+    "listener_batch_size": (1, None),
+    "listener_max_await_ms": (MIN_MAX_AWAIT_MS, None),
+    "listener_checkpoint_interval_ms": (0, None),
+    "listener_lease_ttl_seconds": (2, None),
+    "listener_lease_renew_seconds": (1, None),
+    "listener_max_stall_seconds": (1, None),
+    "listener_max_queue_length": (0, None),
+}
+
+
+def settings_problems(settings: Settings) -> list[str]:
+    """What is wrong with `settings`, one line each naming the variable (URLs masked); [] if nothing.
+
+    Everything that can be checked without connecting anywhere: what would otherwise pass start-up
+    and fail at run time (a port out of range, a URL scheme nobody here can use, a TTL of 0).
+    """
+    s = settings
+    problems: list[str] = []
+    for field in fields(s):
+        if field.type != "int":
+            continue
+        name, value = field.name, getattr(s, field.name)
+        low, high = INT_RANGES.get(name, (0, None))
+        if value < low or (high is not None and value > high):
+            limits = f"between {low} and {high}" if high is not None else f"at least {low}"
+            problems.append(f"{name.upper()} must be {limits}, got {value}")
+    if problems:
+        return problems  # the relations below assume sane numbers
+    for name in ("mongodb_uri", "mongodb_db", "celery_broker_url", "smtp_host", "mail_from"):
+        if not getattr(s, name).strip():
+            problems.append(f"{name.upper()} must not be empty")
+    if problems:
+        return problems
+    problems += _mongodb_problems(s.mongodb_uri, s.mongodb_db)
+    problems += _redis_url_problems("CELERY_BROKER_URL", s.celery_broker_url, BROKER_SCHEMES, s)
+    problems += _redis_url_problems("REDIS_URL", s.redis_url, REDIS_SCHEMES, s)
+    sentinel_urls = [
+        url for url in (s.celery_broker_url, s.redis_url) if url.lower().startswith("sentinel://")
+    ]
+    if s.redis_sentinel_master and not sentinel_urls:
+        problems.append(
+            "REDIS_SENTINEL_MASTER is set, but neither CELERY_BROKER_URL nor REDIS_URL is sentinel://"
+        )
+    if any(c.isspace() for c in s.smtp_host):
+        problems.append(f"SMTP_HOST must be a host name or address, got {s.smtp_host!r}")
+    if "@" not in parseaddr(s.mail_from)[1]:
+        problems.append(f"MAIL_FROM must hold an email address (name <user@domain>), got {s.mail_from!r}")
+    if s.task_soft_time_limit >= s.task_time_limit:
+        problems.append("TASK_SOFT_TIME_LIMIT must be smaller than TASK_TIME_LIMIT")
+    if s.broker_visibility_timeout <= s.task_time_limit:
+        problems.append("BROKER_VISIBILITY_TIMEOUT must be longer than TASK_TIME_LIMIT")
+    elif s.retry_backoff_max + s.task_time_limit >= s.broker_visibility_timeout:
+        problems.append("BROKER_VISIBILITY_TIMEOUT must exceed RETRY_BACKOFF_MAX + TASK_TIME_LIMIT")
+    # A done record must outlive every redelivery (visibility timeout) and retry of its task; else
+    # the copy runs the effect again.
+    span = s.broker_visibility_timeout + s.retry_span_seconds()
+    if s.dedup_ttl_seconds <= span:
+        problems.append(
+            f"DEDUP_TTL_SECONDS ({s.dedup_ttl_seconds}) must be longer than BROKER_VISIBILITY_TIMEOUT + "
+            f"TASK_MAX_RETRIES x (RETRY_BACKOFF_MAX + TASK_TIME_LIMIT) = {span} s, the longest a copy "
+            "of a task can come back"
+        )
+    if s.listener_on_history_lost not in ("fail", "resume-now"):
+        problems.append(
+            f"LISTENER_ON_HISTORY_LOST must be fail or resume-now, got {s.listener_on_history_lost!r}"
+        )
+    if s.listener_publisher not in ("pipelined", "celery"):
+        problems.append(f"LISTENER_PUBLISHER must be pipelined or celery, got {s.listener_publisher!r}")
+    if not s.listener_stream_name.strip():
+        problems.append("LISTENER_STREAM_NAME must not be empty")
+    if not s.listener_lease_renew_seconds < s.listener_lease_ttl_seconds:
+        problems.append("LISTENER_LEASE_RENEW_SECONDS must be smaller than LISTENER_LEASE_TTL_SECONDS")
+    # The loop renews the lease and writes its heartbeat between getMores, which wait up to max-await.
+    elif s.listener_max_await_ms >= (s.listener_lease_ttl_seconds - s.listener_lease_renew_seconds) * 1000:
+        problems.append(
+            "LISTENER_MAX_AWAIT_MS must be shorter than LISTENER_LEASE_TTL_SECONDS - "
+            "LISTENER_LEASE_RENEW_SECONDS: the lease is renewed between getMores"
+        )
+    if s.listener_max_await_ms >= s.listener_max_stall_seconds * 1000:
+        problems.append(
+            "LISTENER_MAX_STALL_SECONDS must be longer than LISTENER_MAX_AWAIT_MS: an idle listener "
+            "writes its heartbeat once per getMore"
+        )
+    return problems
+
+
+def _mongodb_problems(uri: str, db: str) -> list[str]:
+    problems = []
+    try:
+        parse_mongodb_uri(uri)
+    except (PyMongoError, ValueError) as exc:
+        why = scrub(str(exc), [uri])
+        problems.append(f"MONGODB_URI is not a usable MongoDB URI ({mask_url(uri)}): {why}")
+    # mongod's rules for database names.
+    if any(c in db for c in '/\\. "$\0') or len(db.encode()) >= 64:
+        problems.append(f'MONGODB_DB must be a database name (no /\\. "$, under 64 bytes), got {db!r}')
+    return problems
+
+
+def parse_mongodb_uri(uri: str) -> dict[str, object]:
+    """pymongo's parse of a MongoDB URI, without any I/O: raises InvalidURI/ConfigurationError/ValueError.
+
+    pymongo's public parse_uri resolves mongodb+srv:// names in DNS; its validation step before that
+    is private (pymongo.uri_parser_shared._validate_uri), so an srv URI goes through that one only:
+    tests/unit/test_settings.py fails should a pymongo upgrade move it.
+    """
+    if uri.startswith("mongodb+srv://"):
+        from pymongo import uri_parser_shared
+
+        return dict(uri_parser_shared._validate_uri(uri))
+    return dict(uri_parser.parse_uri(uri))
+
+
+def _redis_url_problems(name: str, url: str, schemes: tuple[str, ...], settings: Settings) -> list[str]:
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in schemes:
+        accepted = " or ".join(f"{s}://" for s in schemes)
+        return [f"{name} must be a URL starting with {accepted}, got {mask_url(url)}"]
+    if scheme != "unix":
+        # TLS parameters, Sentinel and its master name, as every Redis client reads them.
+        try:
+            settings.redis_target(name.lower())
+        except SettingsError as exc:
+            if str(exc).startswith("REDIS_SENTINEL_MASTER"):
+                return [str(exc)]
+            return [f"{name} is not a usable Redis URL ({mask_url(url)}): {scrub(str(exc), [url])}"]
+        return []
+    try:
+        redis.connection.parse_url(url)
+    except ValueError as exc:
+        return [f"{name} is not a usable Redis URL ({mask_url(url)}): {scrub(str(exc), [url])}"]
+    return []
 
 
 @cache

@@ -380,3 +380,28 @@ def test_every_reply_has_cluster_and_operation_time(db: Database) -> None:
     first = reply["operationTime"]
     db.t.insert_one({"_id": ObjectId()})
     assert db.command("ping")["operationTime"] > first
+
+
+@pytest.mark.parametrize("mechanism", [None, "SCRAM-SHA-1", "SCRAM-SHA-256"])
+def test_credentials_of_an_unknown_user_fail_with_authentication_failed(
+    mongodb_uri: str, mechanism: str | None
+) -> None:
+    # mongod answers any mechanism's first step for a user it does not know with code 18 (and never
+    # says which part was wrong); the test server has no users, so it always answers so.
+    options = {"authMechanism": mechanism} if mechanism else {}
+    client: pymongo.MongoClient = pymongo.MongoClient(
+        mongodb_uri,
+        username=f"nobody-{uuid.uuid4().hex[:8]}",
+        password="wrong",
+        serverSelectionTimeoutMS=10_000,
+        **options,
+    )
+    try:
+        with pytest.raises(OperationFailure) as raised:
+            client.admin.command("ping")
+    finally:
+        client.close()
+    assert raised.value.code == 18
+    assert raised.value.details is not None
+    assert raised.value.details["codeName"] == "AuthenticationFailed"
+    assert raised.value.details["errmsg"] == "Authentication failed."

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -12,7 +14,7 @@ from pymongo.errors import AutoReconnect, OperationFailure
 
 from listener.backoff import Backoff
 from listener.checkpoints import Checkpoint
-from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK
+from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
 from listener.publish import BrokerUnavailable, Message, Rejected
 from listener.stream import Listener, is_resumable
 from worker.settings import Settings
@@ -69,7 +71,7 @@ class FakeStream:
             item()
             return None
         self.resume_token = item["_id"]
-        if item["operationType"] == "invalidate":
+        if item.get("operationType") == "invalidate":  # a fragment may not carry it
             self.alive = False
         return item
 
@@ -90,6 +92,11 @@ class FakeDatabase:
         self.opened: list[dict[str, Any]] = []
         self.initial_token = initial_token or token(0)
         self.listener: Listener | None = None
+        self.hello: dict[str, Any] = {"maxWireVersion": 21}  # MongoDB 7.0
+        self.version = [7, 0, 0, 0]
+
+    def command(self, name: str) -> dict[str, Any]:
+        return self.hello if name == "hello" else {"versionArray": self.version}
 
     def watch(self, pipeline: list[dict[str, Any]], **options: Any) -> FakeStream:
         self.opened.append({"pipeline": pipeline, **options})
@@ -270,10 +277,35 @@ def test_history_lost_exits_with_its_own_code(caplog: pytest.LogCaptureFixture) 
 
 
 def test_non_resumable_error_exits_fatal() -> None:
-    denied = OperationFailure("not authorized", code=13)
-    db, journal = FakeDatabase([user_insert(1), denied]), Journal(saved=token(0))
+    not_a_replica_set = OperationFailure("$changeStream is only supported on replica sets", code=40573)
+    db, journal = FakeDatabase([user_insert(1), not_a_replica_set]), Journal(saved=token(0))
     assert make_listener(db, journal).run() == EXIT_FATAL
     # A batch cut short by an error is not published: it is read again after the checkpoint.
+    assert journal.entries == []
+
+
+@pytest.mark.parametrize(
+    "denied",
+    [
+        OperationFailure("Authentication failed.", code=18),  # wrong user/password/authSource
+        OperationFailure("not authorized on app to execute command", code=13),  # missing role
+    ],
+)
+def test_refused_credentials_exit_with_the_usage_code_at_once(
+    denied: OperationFailure, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Also where every other MongoDB error is retried: opening the stream.
+    db, journal = FakeDatabase(denied, denied, denied), Journal(saved=token(0))
+    listener = make_listener(db, journal)
+    listener.settings = dataclasses.replace(
+        listener.settings, mongodb_uri="mongodb://app:hunter2@db1,db2/?replicaSet=rs0"
+    )
+    started = time.monotonic()
+    assert listener.run() == EXIT_USAGE
+    assert time.monotonic() - started < 5  # no backoff round
+    line = next(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "MONGODB_URI (mongodb://app:****@db1,db2/?replicaSet=rs0)" in line
+    assert f"code {denied.code}" in line and "hunter2" not in caplog.text
     assert journal.entries == []
 
 

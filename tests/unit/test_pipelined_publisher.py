@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import json
 import random
+import re
 import uuid
 from typing import Any
 
@@ -187,7 +188,7 @@ def test_large_batches_are_split_into_lpush_chunks() -> None:
 def test_an_unserializable_payload_is_rejected_not_raised() -> None:
     client = FakeRedis()
     bad = event(2)
-    bad["fullDocument"]["pattern"] = Regex("^x")
+    bad["fullDocument"]["pattern"] = re.compile("^x")  # not BSON
     messages = messages_for(event(1)) + messages_for(bad)
     rejected = PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages)  # type: ignore[arg-type]
     assert [r.message for r in rejected] == messages_for(bad)
@@ -198,7 +199,7 @@ def test_an_unserializable_payload_is_rejected_not_raised() -> None:
 def test_nothing_to_send_is_no_round_trip() -> None:
     client = FakeRedis()
     bad = event(2)
-    bad["fullDocument"]["pattern"] = Regex("^x")
+    bad["fullDocument"]["pattern"] = re.compile("^x")  # not BSON
     publisher = PipelinedPublisher(make_app(), client=client)  # type: ignore[arg-type]
     assert publisher.publish([]) == []
     assert len(publisher.publish(messages_for(bad))) == 2
@@ -237,6 +238,11 @@ def test_the_fast_body_encoder_matches_the_registered_serializer() -> None:
         SON([("b", 1), ("a", ObjectId())]),
         {'é"\n': ["", "\u2028", 0.1, -0.0, float("nan"), float("-inf"), True, None, 2**80, []], "e": {}},
         {"deep": [[{"x": [ObjectId("65a1b2c3d4e5f60718293a4b")]}], ()], "bytes": b"\xff"},
+        {
+            "re": Regex("a", "i"),
+            "code": Code("f", {"__type__": Int64(1), "__value__": {}}),
+            "k": {"__value__": 1, "__type__": 2},
+        },
     ]
     for payload in payloads:
         body = ([payload], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
@@ -261,7 +267,7 @@ def test_keys_the_fast_encoder_does_not_spell_go_to_the_serializer() -> None:
 def test_types_the_fast_encoder_does_not_know_go_to_the_serializer() -> None:
     client = FakeRedis()
     bad = event(2)
-    bad["fullDocument"]["script"] = Code("return 1")  # refused by worker.serialization, with its path
+    bad["fullDocument"]["script"] = complex(1, 2)  # refused by worker.serialization, with its path
     rejected = PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages_for(bad))  # type: ignore[arg-type]
     assert len(rejected) == 2 and "fullDocument.script" in rejected[0].error
 
@@ -336,3 +342,13 @@ def test_a_batch_takes_consecutive_lamport_clock_values() -> None:
     sent = json.loads(base64.b64decode(json.loads(commands[-1][2])["body"]))
     assert [e["clock"] for e in sent] == list(range(before + 2, before + 8))
     assert app.clock.forward() == before + 8  # the next event comes after the batch's
+
+
+def test_a_broker_it_cannot_use_is_named_without_its_password() -> None:
+    app = Celery("changeflow-unit", set_as_current=False)
+    # Settings refuse this URL already (worker.settings); the publisher must not rely on that.
+    app.conf.update({**celery_config(Settings()), "broker_url": "amqp://changeflow:s3cret-pw@rabbit:5672//"})
+    publisher = PipelinedPublisher(app, client=FakeRedis())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"needs a Redis broker .*, got scheme 'amqp'") as refused:
+        publisher.publish(messages_for(event(1)))
+    assert "s3cret-pw" not in str(refused.value)

@@ -80,7 +80,7 @@ def test_other_parameters_stay_for_kombu() -> None:
         ("redis://h/0?ssl_cert_reqs=none", "need a rediss:// URL"),
         ("rediss://h/0?ssl_check_hostname=perhaps", "ssl_check_hostname must be true or false"),
         ("rediss://h/0?ssl_cert_reqs=none&ssl_check_hostname=true", "needs ssl_cert_reqs=required"),
-        ("http://:secret@h/0", "must be a redis://, rediss:// or sentinel:// URL"),
+        ("http://:secret@h/0", "must be a redis://, rediss://, unix:// or sentinel:// URL"),
         ("redis://:secret@h:99999/0", "invalid port"),
         ("redis://:secret@h/x", "database must be a number"),
     ],
@@ -90,6 +90,12 @@ def test_bad_urls_are_refused_naming_the_setting_without_the_password(url: str, 
         parse_redis_url(url, setting="REDIS_URL")
     assert message in str(caught.value) and "REDIS_URL" in str(caught.value)
     assert "secret" not in str(caught.value)
+
+
+def test_unix_socket_url() -> None:
+    target = parse_redis_url("unix://:pw@/run/redis.sock?db=2", setting="REDIS_URL")
+    assert target.unix_path == "/run/redis.sock" and target.db == 2 and target.password == "pw"
+    assert target.hosts == () and target.tls is None and not target.sentinel
 
 
 def test_sentinel_url_in_kombus_form() -> None:
