@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 import pymongo
+import redis
 from pymongo.database import Database
 
 from harness.processes import (
@@ -27,8 +28,11 @@ from harness.processes import (
     mongo_double_uri,
     worker_process,
 )
+from harness.redis_sentinel import RedisSentinelGroup
 from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
+from harness.tls import make_certificates
+from worker.redis_conn import parse_redis_url
 
 
 class LocalPipeline:
@@ -44,6 +48,8 @@ class LocalPipeline:
         log_dir: Path | None = None,
         worker_app: str = "worker",
         durable_broker: bool = False,
+        redis_tls: bool = False,
+        sentinel: bool = False,
     ) -> None:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="changeflow-run-"))
         self.worker_count = workers
@@ -54,6 +60,11 @@ class LocalPipeline:
         # A test app built on worker.app (the fault suite's), and Redis with AOF (appendfsync always).
         self.worker_app = worker_app
         self.durable_broker = durable_broker
+        # Redis serving TLS only, with a private CA the URLs name (ssl_ca_certs); or a Sentinel group
+        # (master + replica + 3 sentinels, harness.redis_sentinel) instead of one redis-server.
+        self.redis_tls = redis_tls
+        self.use_sentinel = sentinel
+        self.sentinel: RedisSentinelGroup | None = None
         # A real server is shared: work in a database of our own and drop only that one.
         self.external_mongodb_uri = mongodb_uri if mongodb_uri is not None else os.environ.get("MONGODB_URI")
         self.db_name = f"changeflow_{uuid.uuid4().hex[:10]}" if self.external_mongodb_uri else "changeflow"
@@ -69,7 +80,11 @@ class LocalPipeline:
     # -- start and stop ---------------------------------------------------------------------
     def start(self, *, listener: bool = True) -> LocalPipeline:
         try:
-            self.redis = RedisServer(appendonly=self.durable_broker).start()
+            if self.use_sentinel:
+                self.sentinel = RedisSentinelGroup(appendonly=self.durable_broker).start()
+            else:
+                tls = make_certificates(self.log_dir / "tls") if self.redis_tls else None
+                self.redis = RedisServer(appendonly=self.durable_broker, tls=tls).start()
             if self.external_mongodb_uri:
                 self.mongodb_uri = self.external_mongodb_uri
             else:
@@ -90,13 +105,26 @@ class LocalPipeline:
         return self
 
     @property
+    def redis_env(self) -> dict[str, str]:
+        """The broker and dedup store settings: the one redis-server, or the Sentinel group."""
+        if self.sentinel is not None:
+            return self.sentinel.env
+        assert self.redis is not None, "pipeline not started"
+        return {"CELERY_BROKER_URL": self.redis.url, "REDIS_URL": self.redis.url}
+
+    def redis_client(self, **options: object) -> redis.Redis:
+        """A client of the broker's Redis (through the sentinels: the current master)."""
+        env = self.redis_env
+        target = parse_redis_url(env["CELERY_BROKER_URL"], master_name=env.get("REDIS_SENTINEL_MASTER", ""))
+        return target.client(**options)
+
+    @property
     def env(self) -> dict[str, str]:
-        assert self.redis is not None and self.sink is not None, "pipeline not started"
+        assert self.sink is not None, "pipeline not started"
         return {
             "MONGODB_URI": self.mongodb_uri,
             "MONGODB_DB": self.db_name,
-            "CELERY_BROKER_URL": self.redis.url,
-            "REDIS_URL": self.redis.url,
+            **self.redis_env,
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(self.sink.port),
             **self.extra_env,
@@ -127,6 +155,8 @@ class LocalPipeline:
             self.mongo.stop()
         if self.redis is not None:
             self.redis.close()
+        if self.sentinel is not None:
+            self.sentinel.close()
 
     def __enter__(self) -> LocalPipeline:
         return self.start()

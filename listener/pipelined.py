@@ -63,6 +63,7 @@ from redis.retry import Retry
 
 from listener.publish import BROKER_ERRORS, ENCODE_ERRORS, BrokerUnavailable, Message, Rejected
 from worker.app import app as worker_app
+from worker.redis_conn import target_of_app
 from worker.serialization import (
     D128_COEFFICIENT,
     D128_MAX_COEFFICIENT,
@@ -85,6 +86,8 @@ LPUSH_CHUNK = 128
 # Task-sent events go out grouped, as Celery's dispatcher sends buffered groups of events.
 EVENTS_ROUTING_KEY = "task.multi"
 EVENTS_PER_MESSAGE = 1000
+# With Sentinel, how long a batch waits for a replica to confirm it (WAIT) before it is retried.
+REPLICA_WAIT_MS = 2000
 # Fields of the payload summarized in the argsrepr header: what identifies the event.
 SUMMARY_FIELDS = ("_id", "operationType", "ns", "documentKey")
 
@@ -144,6 +147,9 @@ class PipelinedPublisher:
         self._encoding = "utf-8"  # of task bodies: the layout's, once it is read
         self._fast_json: bool | None = None  # decided on first use (see fast_json_matches)
         self._templates: dict[str, _Template] = {}
+        # Sentinel: a batch counts as published once a replica has it too (WAIT), so a failover
+        # right after cannot lose it. Set with the client.
+        self._wait_replicas = False
 
     # -- the Publisher protocol ----------------------------------------------------------------
     def publish(self, messages: Sequence[Message]) -> list[Rejected]:
@@ -157,10 +163,15 @@ class PipelinedPublisher:
         sender = _StreamedCommands(client)
         try:
             rejected = self._build_and_send(messages, layout, sender)
-            sender.finish()  # raises BrokerUnavailable unless Redis accepted every command
+            if self._wait_replicas:
+                sender.send("WAIT", "1", str(REPLICA_WAIT_MS))
+            last = sender.finish()  # raises BrokerUnavailable unless Redis accepted every command
         except BaseException:
             sender.abandon()  # failed half way: the connection's unread replies are out of step
             raise
+        if self._wait_replicas and not (isinstance(last, int) and last >= 1):
+            # Acknowledged by the master alone, which may die before replicating it: send it again.
+            raise BrokerUnavailable(f"no replica confirmed the batch within {REPLICA_WAIT_MS} ms (WAIT)")
         return rejected
 
     def _build_and_send(
@@ -267,14 +278,16 @@ class PipelinedPublisher:
             conf = self.app.conf
             options = conf.broker_transport_options or {}
             timeout = conf.broker_connection_timeout or 4.0
-            self._client = redis.Redis.from_url(
-                conf.broker_url,
+            # The broker as the workers' kombu reads it: TLS checks, Sentinel master (worker/redis_conn.py).
+            target = target_of_app(conf)
+            self._client = target.client(
                 socket_connect_timeout=options.get("socket_connect_timeout", timeout),
                 socket_timeout=options.get("socket_timeout", 10.0),
                 # No retries inside redis-py: like CeleryPublisher, fail after one attempt and let the
                 # listener back off and retry the batch.
                 retry=Retry(NoBackoff(), 0),
             )
+            self._wait_replicas = target.sentinel
         return self._client
 
     def _get_layout(self) -> _Layout:
@@ -310,14 +323,17 @@ class _StreamedCommands:
                 self._connection.send_packed_command([packed])
         self._sent += 1
 
-    def finish(self) -> None:
+    def finish(self) -> object:
+        """Read every reply; returns the last one (None when nothing was sent)."""
+        last: object = None
         if self._connection is None:
-            return
+            return last
         with _broker_errors():
             for _ in range(self._sent):
-                self._connection.read_response()
+                last = self._connection.read_response()
         self._pool.release(self._connection)
         self._connection = None
+        return last
 
     def abandon(self) -> None:
         """Drop the connection (if any) with whatever it has not read. Idempotent."""
@@ -515,10 +531,10 @@ class _Layout:
     @classmethod
     def of(cls, app: Celery) -> _Layout:
         conf = app.conf
-        if not conf.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        if not conf.broker_url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
             scheme = conf.broker_url.partition("://")[0]  # only the scheme: the URL may hold a password
             raise ValueError(
-                "PipelinedPublisher needs a Redis broker (redis://, rediss:// or unix://), "
+                "PipelinedPublisher needs a Redis broker (redis://, rediss://, unix:// or sentinel://), "
                 f"got scheme {scheme!r}"
             )
         if (conf.broker_transport_options or {}).get("global_keyprefix"):
@@ -533,7 +549,7 @@ class _Layout:
         options = conf.broker_transport_options or {}
         prefix = options.get("fanout_prefix", True)
         if prefix is True:
-            prefix = f"/{int(redis.connection.parse_url(conf.broker_url).get('db') or 0)}."
+            prefix = f"/{target_of_app(conf).db}."
         elif not prefix:
             prefix = ""
         patterns = options.get("fanout_patterns", True)

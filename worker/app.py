@@ -29,12 +29,19 @@ app = Celery("changeflow", include=TASK_MODULES)
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from changeflow's settings."""
+    # URL, TLS options (verified unless the URL says otherwise) and Sentinel master as the listener's
+    # publisher and the dedup store read them (worker/redis_conn.py).
+    broker = settings.redis_target("celery_broker_url").kombu_config()
     return {
-        "broker_url": settings.celery_broker_url,
+        "broker_url": broker["broker_url"],
+        "broker_use_ssl": broker["broker_use_ssl"],
         "broker_connection_retry_on_startup": True,
         # Redis redelivers a message not acked within the visibility timeout: it must outlast the
         # longest task and the longest retry countdown (eta messages wait unacked in the worker).
-        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout},
+        "broker_transport_options": {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            **broker["transport_options"],
+        },
         "task_serializer": "json",
         "accept_content": ["json"],
         "event_serializer": "json",

@@ -63,7 +63,7 @@ class DedupStore:
     @classmethod
     def from_settings(cls, settings: Settings) -> DedupStore:
         return cls(
-            redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5),
+            settings.redis_target("redis_url").client(socket_timeout=10, socket_connect_timeout=5),
             done_ttl_seconds=settings.dedup_ttl_seconds,
             lease_ttl_seconds=settings.task_time_limit + LEASE_MARGIN_SECONDS,
         )

@@ -18,6 +18,8 @@ import redis.connection
 from pymongo import uri_parser
 from pymongo.errors import PyMongoError
 
+from worker.redis_conn import RedisTarget, RedisUrlError, parse_redis_url
+
 
 class SettingsError(ValueError):
     """A configuration variable has a value changeflow cannot use."""
@@ -25,8 +27,8 @@ class SettingsError(ValueError):
 
 # URL schemes each consumer of a URL accepts: the Celery broker goes through kombu's Redis transport
 # (worker/broker.py), the dedup store through redis-py (which also takes unix sockets).
-BROKER_SCHEMES = ("redis", "rediss")
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+BROKER_SCHEMES = ("redis", "rediss", "sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
 MONGODB_SCHEMES = ("mongodb", "mongodb+srv")
 # The variables holding URLs that may carry a password: what scrub() hides in any text.
 URL_VARIABLES = ("MONGODB_URI", "CELERY_BROKER_URL", "REDIS_URL")
@@ -96,6 +98,9 @@ class Settings:
     # Redis: the Celery broker, and the dedup store (defaults to the broker's server).
     celery_broker_url: str = "redis://localhost:6379/0"
     redis_url: str = ""
+    # Redis Sentinel: the master's name, required when a URL above is sentinel://host:port;... (the
+    # URL forms, TLS parameters included, are in worker/redis_conn.py).
+    redis_sentinel_master: str = ""
     # Outgoing mail.
     smtp_host: str = "localhost"
     smtp_port: int = 1025
@@ -157,6 +162,15 @@ class Settings:
         if self.task_max_retries is not None:
             span = min(span, self.task_max_retries * (self.retry_backoff_max + self.task_time_limit))
         return span
+
+    def redis_target(self, name: str = "celery_broker_url") -> RedisTarget:
+        """The Redis that CELERY_BROKER_URL or REDIS_URL (`name`) points at, TLS and Sentinel included."""
+        try:
+            return parse_redis_url(
+                getattr(self, name), master_name=self.redis_sentinel_master, setting=name.upper()
+            )
+        except RedisUrlError as exc:
+            raise SettingsError(str(exc)) from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -224,8 +238,15 @@ def settings_problems(settings: Settings) -> list[str]:
     if problems:
         return problems
     problems += _mongodb_problems(s.mongodb_uri, s.mongodb_db)
-    problems += _redis_url_problems("CELERY_BROKER_URL", s.celery_broker_url, BROKER_SCHEMES)
-    problems += _redis_url_problems("REDIS_URL", s.redis_url, REDIS_SCHEMES)
+    problems += _redis_url_problems("CELERY_BROKER_URL", s.celery_broker_url, BROKER_SCHEMES, s)
+    problems += _redis_url_problems("REDIS_URL", s.redis_url, REDIS_SCHEMES, s)
+    sentinel_urls = [
+        url for url in (s.celery_broker_url, s.redis_url) if url.lower().startswith("sentinel://")
+    ]
+    if s.redis_sentinel_master and not sentinel_urls:
+        problems.append(
+            "REDIS_SENTINEL_MASTER is set, but neither CELERY_BROKER_URL nor REDIS_URL is sentinel://"
+        )
     if any(c.isspace() for c in s.smtp_host):
         problems.append(f"SMTP_HOST must be a host name or address, got {s.smtp_host!r}")
     if "@" not in parseaddr(s.mail_from)[1]:
@@ -297,11 +318,20 @@ def parse_mongodb_uri(uri: str) -> dict[str, object]:
     return dict(uri_parser.parse_uri(uri))
 
 
-def _redis_url_problems(name: str, url: str, schemes: tuple[str, ...]) -> list[str]:
+def _redis_url_problems(name: str, url: str, schemes: tuple[str, ...], settings: Settings) -> list[str]:
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme not in schemes:
         accepted = " or ".join(f"{s}://" for s in schemes)
         return [f"{name} must be a URL starting with {accepted}, got {mask_url(url)}"]
+    if scheme != "unix":
+        # TLS parameters, Sentinel and its master name, as every Redis client reads them.
+        try:
+            settings.redis_target(name.lower())
+        except SettingsError as exc:
+            if str(exc).startswith("REDIS_SENTINEL_MASTER"):
+                return [str(exc)]
+            return [f"{name} is not a usable Redis URL ({mask_url(url)}): {scrub(str(exc), [url])}"]
+        return []
     try:
         redis.connection.parse_url(url)
     except ValueError as exc:

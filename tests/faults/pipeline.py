@@ -80,8 +80,7 @@ class FaultPipeline(LocalPipeline):
 
     def broker_backlog(self) -> int | None:
         """Messages queued or delivered-but-unacked in the broker; None while it is unreachable."""
-        assert self.redis is not None
-        client = redis.Redis.from_url(self.redis.url, socket_timeout=2, socket_connect_timeout=1)
+        client = self.redis_client(socket_timeout=2, socket_connect_timeout=1)
         try:
             total = int(client.hlen(UNACKED))
             for key in client.scan_iter(match=QUEUE_PATTERN):
@@ -103,4 +102,6 @@ class FaultPipeline(LocalPipeline):
             redis_log = self.redis.dir / "redis.log"
             if redis_log.exists():
                 parts.append(f"===== redis-server\n{redis_log.read_text(errors='replace')[-1500:]}")
+        if self.sentinel is not None:
+            parts.append(self.sentinel.logs())
         return "\n".join(parts)

@@ -14,6 +14,7 @@ from celery import Task
 
 SEEN = "large_event_seen"
 
+
 def digest(value: Any) -> dict[str, Any]:
     text = value if isinstance(value, str) else repr(value)
     return {"length": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -33,4 +34,3 @@ def summary(task: Task, event: Mapping[str, Any]) -> dict[str, Any]:
             k: digest(v) if isinstance(v, str) and len(v) > 64 else v for k, v in updated.items()
         },
     }
-

@@ -73,3 +73,24 @@ def test_operations_resume_after_a_redis_restart(redis_server: RedisServer, conn
     message = connection.default_channel.basic_get("broker-restart", no_ack=True)
     assert message is not None and message.payload == {"n": 2}
     client.close()
+
+
+def test_closing_a_channel_whose_connection_is_gone_keeps_the_worker_alive(redis_server: RedisServer) -> None:
+    """After a broker error Celery's consumer releases its connection; the channel, closing, restores its
+    unacked messages with no connection left. kombu's own channel raised AttributeError there, which
+    stopped the worker ("Unrecoverable error"); now it is a connection error, which closing ignores, and
+    the message waits in the unacked hash for the visibility timeout."""
+    broker.install()
+    connection = Connection(redis_server.url)
+    channel = connection.channel()
+    queue = Queue("close-test", Exchange("close-test"), routing_key="close-test")
+    connection.Producer(channel).publish(
+        {"n": 1}, exchange=queue.exchange, routing_key="close-test", declare=[queue]
+    )
+    assert queue(channel).get(no_ack=False) is not None  # delivered, not acked
+    channel._disconnect_pools()  # what a connection error does
+    connection._do_close_transport()  # the consumer released the connection
+    connection.maybe_close_channel(channel)  # raised AttributeError before
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.hlen("unacked") == 1  # not lost: redelivered after the visibility timeout
+    client.close()
