@@ -1,6 +1,7 @@
 """changeflow's worker app recording what each task received: `celery -A <this module> worker`.
 
-The app is `worker.app` itself, same settings and task modules; before each task body runs, a summary
+The app is this repository's own (`worker.app`, tasks/app.py), same settings and tasks;
+before each task body runs, a summary
 of its event (sizes and digests of the large fields, not the fields) is inserted into
 `large_event_seen`, so a test can see the event a task ran with, as the worker decoded it.
 """
@@ -8,14 +9,14 @@ of its event (sizes and digests of the large fields, not the fields) is inserted
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any
 
 from celery import Task
+from celery.signals import worker_init
 
-from worker.app import TASK_MODULES, app
+from worker import app  # this repository's app, its modules discovered
 from worker.mongo import get_db
 
 SEEN = "large_event_seen"
@@ -53,10 +54,12 @@ def _recording(task: Task) -> None:
     task.run = run  # IdempotentTask calls self.run: the instance attribute shadows the class's body
 
 
-for _module in TASK_MODULES:
-    importlib.import_module(_module)
-for _name, _task in app.tasks.items():
-    if _name.startswith("tasks."):
-        _recording(_task)
+@worker_init.connect
+def _record_in_workers(**_: Any) -> None:
+    # In the worker only (before its pool forks): a test importing SEEN or digest from here must
+    # not find the repository's tasks wrapped in its own process.
+    for name, task in app.tasks.items():
+        if name.startswith("tasks."):
+            _recording(task)
 
 __all__ = ["app"]
