@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 class IdempotentTask(Task):
     """Base class of changeflow's tasks (see the module docstring for the outcomes)."""
 
-    # The guard enforces TASK_MAX_RETRIES itself (it must also dead-letter); Celery's limit is off.
+    # The guard enforces TASK_MAX_RETRIES (or a task's own max_retries) itself, before Celery's
+    # retry() would (it must also dead-letter); Celery's default limit is off.
     max_retries = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -53,7 +54,10 @@ class IdempotentTask(Task):
         except (Retry, Ignore, Reject):
             raise
         except TRANSIENT_ERRORS as exc:
-            max_retries = get_settings().task_max_retries
+            # A task's own max_retries (`@app.on(..., max_retries=N)`), else TASK_MAX_RETRIES.
+            max_retries = self.max_retries
+            if max_retries is None:
+                max_retries = get_settings().task_max_retries
             if request.retries >= max_retries:
                 self._dead_letter_current(exc, "retries_exhausted", args, kwargs)
                 raise
