@@ -162,6 +162,15 @@ class Changeflow(Celery):
         return route
 
     def _register(self, fn: Callable[..., Any], task_name: str, options: dict[str, Any]) -> Task:
+        unrouted = sorted(set(options) & _DESTINATION_OPTIONS)
+        if unrouted:
+            # The listener publishes by task name to the app's default queue (both publishers), so a
+            # task's own destination would be ignored: workers consuming only that queue would never
+            # see the task. Refused rather than silently dropped until the publishers route per task.
+            raise ValueError(
+                f"task {task_name!r}: {', '.join(unrouted)}= is not supported yet: the listener publishes "
+                f"every task to the app's default queue (task_default_queue)"
+            )
         base = options.pop("base", IdempotentTask)
         if not (isinstance(base, type) and issubclass(base, IdempotentTask)):
             raise TypeError(f"task {task_name!r}: base must subclass IdempotentTask (the dedup guard)")
@@ -218,6 +227,10 @@ class Changeflow(Celery):
         for name in names:
             importlib.import_module(name)
         return names
+
+
+# Task options that choose where a message goes: not honoured by the listener's publishers yet.
+_DESTINATION_OPTIONS = frozenset({"queue", "exchange", "routing_key"})
 
 
 def _skipped(module: str) -> bool:

@@ -117,6 +117,16 @@ def test_task_options_pass_through_to_celery() -> None:
     assert (opts.max_retries, opts.rate_limit, opts.time_limit, opts.acks_late) == (2, "10/m", 5, True)
 
 
+def test_a_queue_of_its_own_is_refused_not_ignored() -> None:
+    app = make_app()
+    with pytest.raises(ValueError, match="queue= is not supported yet"):
+
+        @app.on("orders", "insert", name="t.slow", queue="slow")
+        def slow(event: dict[str, Any]) -> None: ...
+
+    assert "t.slow" not in app.tasks
+
+
 def test_base_must_keep_the_dedup_guard() -> None:
     app = make_app()
     from celery import Task
