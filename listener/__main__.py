@@ -187,13 +187,16 @@ def run(argv: Sequence[str], app_spec: str | None = None) -> int:
         from listener.lease import Lease
         from listener.publish import make_publisher
         from listener.stream import Listener
+        from worker.serialization import MONGO_CLIENT_OPTIONS
 
         app = load_app(app_spec)
         settings = app.settings
         if args.stream_name is not None:
             settings = dataclasses.replace(settings, listener_stream_name=args.stream_name)
         stream = settings.listener_stream_name
-        client = pymongo.MongoClient(settings.mongodb_uri, appname="changeflow-listener")
+        client = pymongo.MongoClient(
+            settings.mongodb_uri, appname="changeflow-listener", **MONGO_CLIENT_OPTIONS
+        )
         db = client[settings.mongodb_db]
         lease = Lease(
             db,

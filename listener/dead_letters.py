@@ -9,7 +9,8 @@ runs it only if the key is not *done* yet: replaying an effect that already happ
 `--refresh` re-reads the event's document (`documentKey._id` in `ns.db`/`ns.coll`) into
 `payload.fullDocument` first: needed when the task takes its data from the payload (the welcome
 email) and the document was fixed afterwards, and the only way to replay an `unpublishable` letter
-(its stored payload holds repr() strings in place of the values the serializer refused).
+(its stored payload holds repr() strings in place of the values the serializer refused) or an
+`undecodable` one (its payload is what could be read of a message the worker could not decode).
 
 Exit codes: 0 done (every selected letter replayed, or skipped for a stated reason), 1 the broker or
 MongoDB was unavailable (the letters not published are left as they were), 2 usage: bad flags or
@@ -43,7 +44,7 @@ EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2
 
 COLLECTION = "changeflow_dead_letters"  # = worker.dead_letters.COLLECTION (not imported: see above)
-REASONS = ("permanent", "retries_exhausted", "unpublishable")
+REASONS = ("permanent", "retries_exhausted", "unpublishable", "undecodable")
 ERROR_WIDTH = 70  # the error column of the table, in characters
 SERVER_SELECTION_TIMEOUT_MS = 5_000
 
@@ -294,6 +295,11 @@ def replay_payload(letter: Mapping[str, Any], db: Database, refresh: bool) -> di
             "unpublishable: the stored payload holds repr() strings for the values the serializer "
             "refused; fix the document, then replay with --refresh"
         )
+    if letter.get("reason") == "undecodable":
+        raise NotReplayable(
+            "undecodable: the stored payload is what could be read of a message the worker could not "
+            "decode; replay with --refresh"
+        )
     return dict(payload)
 
 
@@ -438,6 +444,7 @@ def main(argv: Sequence[str] | None = None, *, app: str | None = None) -> int:
     try:
         # Loading the app reads the settings from the environment: a bad variable raises here.
         from changeflow.app import load_app
+        from worker.serialization import MONGO_CLIENT_OPTIONS
 
         changeflow_app = load_app(app)  # the Celery app a replay publishes through
         settings = changeflow_app.settings
@@ -445,6 +452,7 @@ def main(argv: Sequence[str] | None = None, *, app: str | None = None) -> int:
             settings.mongodb_uri,
             appname="changeflow-dead-letters",
             serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
+            **MONGO_CLIENT_OPTIONS,
         )
     except (ValueError, ConfigurationError) as exc:
         what = "app" if type(exc).__name__ == "AppError" else "settings"  # changeflow.app.AppError

@@ -62,9 +62,18 @@ from redis.connection import AbstractConnection
 from redis.retry import Retry
 
 from listener.publish import BROKER_ERRORS, ENCODE_ERRORS, BrokerUnavailable, Message, Rejected
+from worker.serialization import (
+    D128_COEFFICIENT,
+    D128_MAX_COEFFICIENT,
+    D128_OTHER_FORM,
+    D128_SPECIAL,
+    decimal128_has_text,
+)
 
 if TYPE_CHECKING:
     from bson import Decimal128
+    from bson.code import Code
+    from bson.dbref import DBRef
     from celery import Celery
     from kombu.clocks import LamportClock
 
@@ -553,11 +562,12 @@ class _Layout:
 # C escaper, each registered type as the registered encoder makes it, the keys of a document once per
 # process (they repeat from one event to the next). Building the text directly rather than a JSON-
 # ready copy for the C encoder halves the cost: the copy allocated a dict per BSON value and the
-# encoder walked the whole document a second time. It follows worker.serialization (Int64 kept, Code
-# refused) and kombu.utils.json (registered types in registration order, then bytes); anything else
-# (Code, a type with __json__, an unknown type, a key that is not a string) goes to the real
-# serializer, which encodes or refuses it. fast_json_matches() checks the result against the real
-# serializer once per process and the fast path is only used when they agree byte for byte.
+# encoder walked the whole document a second time. It follows worker.serialization's json_ready
+# (envelope-shaped dicts escaped, Int64, Code and DBRef as their envelopes) and kombu.utils.json
+# (registered types in registration order, then bytes); anything else (a type with __json__, an
+# unknown type, a key that is not a string) goes to the real serializer, which encodes or refuses it.
+# fast_json_matches() checks the result against the real serializer once per process and the fast
+# path is only used when they agree byte for byte.
 
 
 class _NotPlain(Exception):
@@ -579,6 +589,8 @@ def json_text(value: Any) -> str:
 
 
 def _dict_text(value: Mapping[Any, Any]) -> str:
+    if len(value) == 2 and "__type__" in value and "__value__" in value:
+        return _escaped_dict_text(value)  # kombu would read it as its type envelope
     keys = _key_texts
     parts = []
     for key, item in value.items():
@@ -588,6 +600,12 @@ def _dict_text(value: Mapping[Any, Any]) -> str:
         # Strings (most values) inline: a call less per value.
         parts.append(prefix + (json_string(item) if type(item) is str else json_text(item)))
     return "{" + ", ".join(parts) + "}"
+
+
+def _escaped_dict_text(value: Mapping[Any, Any]) -> str:
+    """worker.serialization's escape of an envelope-shaped dict: the list of its pairs, in an envelope."""
+    pairs = ["[" + json_string(key) + ", " + json_text(item) + "]" for key, item in value.items()]
+    return '{"__type__": "changeflow_dict", "__value__": [' + ", ".join(pairs) + "]}"
 
 
 def _list_text(value: Sequence[Any]) -> str:
@@ -622,6 +640,7 @@ def _encoder_for(kind: type) -> Callable[[Any], str]:
     """The function giving the JSON text of a value of `kind` (any type but dict and str)."""
     from bson import Decimal128, Int64
     from bson.code import Code
+    from bson.dbref import DBRef
     from kombu.utils import json as kombu_json
 
     if kind is int:
@@ -638,15 +657,20 @@ def _encoder_for(kind: type) -> Callable[[Any], str]:
         return _list_text
     if issubclass(kind, Int64):
         return lambda value: '{"__type__": "int64", "__value__": ' + int.__repr__(value) + "}"
-    if issubclass(kind, Code) or getattr(kind, "__json__", None) is not None:
+    if issubclass(kind, Code):
+        return _code_text
+    if issubclass(kind, DBRef):
+        return _dbref_text
+    if getattr(kind, "__json__", None) is not None:
         return _refuse
     if issubclass(kind, int | float | str):
         return _encode  # json encodes these natively, never asking kombu's encoder
+    if kind is Decimal128:
+        return _decimal128_text
+    if issubclass(kind, Decimal128):
+        return _refuse  # json_ready's bits-or-text choice, and a __str__ of its own maybe
     for registered, (marker, encode) in kombu_json._encoders.items():
         if issubclass(kind, registered):
-            if kind is Decimal128 and encode is str:
-                encode = _decimal128_str  # the same text, a fifth of the time (exact type: a subclass
-                # may have its own __str__)
             if marker is None:
                 return lambda value, encode=encode: json_text(encode(value))
             return _marked(marker, encode)
@@ -666,9 +690,42 @@ def _marked(marker: str, encode: Callable[[Any], Any]) -> Callable[[Any], str]:
     return text
 
 
+def _code_text(value: Code) -> str:
+    """worker.serialization's Code envelope (its scope a document like any other)."""
+    scope = "null" if value.scope is None else json_text(value.scope)
+    return (
+        '{"__type__": "bson_code", "__value__": {"code": '
+        + json_string(str(value))
+        + ', "scope": '
+        + scope
+        + "}}"
+    )
+
+
+def _dbref_text(value: DBRef) -> str:
+    """worker.serialization's DBRef envelope: its document, written like any other."""
+    return '{"__type__": "bson_dbref", "__value__": ' + _dict_text(value.as_doc()) + "}"
+
+
 # json.dumps' encoder without its check for circular references (an id() into a dict and out again
 # per container): BSON documents cannot hold cycles. The same text otherwise.
 _encode = json.JSONEncoder(check_circular=False).encode
+
+
+def _decimal128_text(value: Decimal128) -> str:
+    """worker.serialization's Decimal128 envelope: its text, or its bits when the text would not
+    give them back (see decimal128_has_text); the text as _decimal128_str makes it, in one pass."""
+    bits = int.from_bytes(value.bid, "little")
+    high = bits >> 64
+    coefficient = bits & D128_COEFFICIENT
+    if high & D128_SPECIAL == D128_SPECIAL or high & D128_OTHER_FORM == D128_OTHER_FORM:
+        if decimal128_has_text(value):  # NaN, Infinity, -Infinity
+            return '{"__type__": "bson_decimal128", "__value__": "' + str(value) + '"}'
+        return '{"__type__": "bson_decimal128_bid", "__value__": "' + value.bid.hex() + '"}'
+    if coefficient > D128_MAX_COEFFICIENT:
+        return '{"__type__": "bson_decimal128_bid", "__value__": "' + value.bid.hex() + '"}'
+    text = str(decimal.Decimal(f"{'-' if high >> 63 else ''}{coefficient}E{((high >> 49) & 0x3FFF) - 6176}"))
+    return '{"__type__": "bson_decimal128", "__value__": "' + text + '"}'
 
 
 def _decimal128_str(value: Decimal128) -> str:
@@ -682,21 +739,13 @@ def _decimal128_str(value: Decimal128) -> str:
     """
     bits = int.from_bytes(value.bid, "little")  # the IEEE 754 BID encoding, low 64 bits first
     high = bits >> 64
-    if high & _D128_SPECIAL == _D128_SPECIAL or high & _D128_OTHER_FORM == _D128_OTHER_FORM:
+    if high & D128_SPECIAL == D128_SPECIAL or high & D128_OTHER_FORM == D128_OTHER_FORM:
         return str(value)
-    coefficient = bits & _D128_COEFFICIENT
-    if coefficient > _D128_MAX_COEFFICIENT:
+    coefficient = bits & D128_COEFFICIENT
+    if coefficient > D128_MAX_COEFFICIENT:
         return str(value)  # bson reads a too large coefficient as 0
     exponent = ((high >> 49) & 0x3FFF) - 6176
     return str(decimal.Decimal(f"{'-' if high >> 63 else ''}{coefficient}E{exponent}"))
-
-
-# Decimal128 bits (the high 64): infinity/NaN; the encoding with an implied 100 prefix; the
-# coefficient (113 bits of the 128); the largest coefficient of 34 digits.
-_D128_SPECIAL = 0x7800000000000000
-_D128_OTHER_FORM = 0x6000000000000000
-_D128_COEFFICIENT = (1 << 113) - 1
-_D128_MAX_COEFFICIENT = 10**34 - 1
 
 
 def _refuse(value: Any) -> str:
@@ -715,6 +764,12 @@ def fast_json_matches() -> bool:
     import datetime as dt
 
     from bson import Binary, Decimal128, Int64, ObjectId, Timestamp
+    from bson.code import Code
+    from bson.datetime_ms import DatetimeMS
+    from bson.dbref import DBRef
+    from bson.max_key import MaxKey
+    from bson.min_key import MinKey
+    from bson.regex import Regex
     from bson.son import SON
 
     now = dt.datetime(2026, 1, 2, 3, 4, 5, 678901)
@@ -726,6 +781,11 @@ def fast_json_matches() -> bool:
         "text": b"abc", "dt": now, "dtz": now.replace(tzinfo=dt.UTC), "d": now.date(), "t": now.time(),
         "pydec": decimal.Decimal("2.5"), "uuid": uuid.UUID(int=5), "list": [1, (2, 3), {"x": [now]}],
         "son": SON([("b", 1), ("a", "x")]), "plain": {"k": [1, "v", None, 2.5, False]},
+        "re": Regex("^a.*", "imsux"), "code": [Code("f()"), Code("g(x)", {"x": Int64(1), "e": {}})],
+        "ref": DBRef("c", ObjectId("65a1b2c3d4e5f60718293a4b"), "db", x={"__type__": 1, "__value__": [2]}),
+        "keys": [MinKey(), MaxKey()], "dms": DatetimeMS(-(2**62)),
+        # Dicts kombu would read as its envelope, nested in each other: escaped at every level.
+        "odd": {"__value__": {"__type__": "datetime", "__value__": "2026-01-01"}, "__type__": "x"},
     }  # fmt: skip
     try:
         fast = fast_body(payload)

@@ -11,7 +11,7 @@ message bytes; the listener would not change.
 Errors are split in two on purpose:
 - the broker is unavailable (`BrokerUnavailable`): transient, the whole batch is retried and the
   checkpoint does not move;
-- one message cannot be serialized (a BSON type the serializer does not know): permanent for that
+- one message cannot be serialized (a value that is not BSON; every BSON value is carried): permanent for that
   event, so it is returned as a `Rejected` and dead-lettered, and the other messages go through.
 """
 

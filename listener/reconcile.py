@@ -295,11 +295,15 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout, *, app: str |
         from changeflow.app import load_app
         from listener.gaps import GapStore
         from listener.publish import BrokerUnavailable, make_publisher
+        from worker.serialization import MONGO_CLIENT_OPTIONS
 
         changeflow_app = load_app(app)  # its settings (from the environment), routes and Celery app
         settings = changeflow_app.settings
         client: pymongo.MongoClient = pymongo.MongoClient(
-            settings.mongodb_uri, appname="changeflow-reconcile", serverSelectionTimeoutMS=5_000
+            settings.mongodb_uri,
+            appname="changeflow-reconcile",
+            serverSelectionTimeoutMS=5_000,
+            **MONGO_CLIENT_OPTIONS,
         )
     except (ValueError, ConfigurationError) as exc:
         what = "app" if type(exc).__name__ == "AppError" else "settings"  # changeflow.app.AppError

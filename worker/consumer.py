@@ -14,13 +14,21 @@ Set in worker.app (`worker_consumer`); `WORKER_EVENT_FLUSH_MS=0` restores Celery
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.message import Message
 
+from worker.dead_letters import record_dead_letter, undecodable_payload
+from worker.mongo import get_db
 from worker.settings import get_settings
 
 logger = logging.getLogger(__name__)
+
+# How long a message that could not be decoded nor dead-lettered waits before it is queued again:
+# the next try is not a busy loop while MongoDB is unreachable.
+UNDECODABLE_REQUEUE_SECONDS = 5.0
 
 
 class Consumer(CeleryConsumer):
@@ -53,6 +61,40 @@ class Consumer(CeleryConsumer):
             self._flush_events()
         except Exception:  # anything else: stopping goes on, and the log says what Flower misses
             logger.warning("buffered task events were not sent (Flower misses them)", exc_info=True)
+
+    def on_decode_error(self, message: Message, exc: Exception) -> None:
+        """A task message this worker cannot decode: a dead letter ("undecodable"), then acked.
+
+        Celery's own handler logs it and acks it: the task would be gone. When the dead letter
+        cannot be stored (MongoDB down), the message goes back to the queue after
+        UNDECODABLE_REQUEUE_SECONDS, to be tried again, instead of being acked.
+        """
+        headers = message.headers or {}
+        task_name, task_id = str(headers.get("task", "?")), str(headers.get("id", "?"))
+        logger.error("cannot decode task message %s %s: %r", task_name, task_id, exc)
+        try:
+            record_dead_letter(
+                get_db(),
+                task_name=task_name,
+                task_id=task_id,
+                payload=undecodable_payload(message.body),
+                error=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc)),
+                attempts=1,
+                reason="undecodable",
+            )
+        except Exception:
+            logger.exception(
+                "dead letter of undecodable task message %s %s not stored: it goes back to the queue",
+                task_name,
+                task_id,
+            )
+            if self.hub is not None:
+                self.hub.call_later(UNDECODABLE_REQUEUE_SECONDS, message.reject, True)
+            else:
+                message.reject(requeue=True)
+            return
+        message.ack()
 
     def stop(self) -> None:
         self._flush_pending_events()

@@ -7,6 +7,7 @@ task again with the same task id after fixing the cause: the key was not marked 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from typing import Any
 from pymongo.database import Database
 
 COLLECTION = "changeflow_dead_letters"
-REASONS = frozenset({"permanent", "retries_exhausted", "unpublishable"})
+REASONS = frozenset({"permanent", "retries_exhausted", "unpublishable", "undecodable"})
 TRACEBACK_LINES = 20
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def record_dead_letter(
     """Store (or update) the dead letter of `task_id`, and log it at ERROR.
 
     reason: "permanent" (retrying cannot help), "retries_exhausted" (a transient error outlasted
-    TASK_MAX_RETRIES), "unpublishable" (the listener could not serialize the event's payload).
+    TASK_MAX_RETRIES), "unpublishable" (the listener could not serialize the event's payload),
+    "undecodable" (the worker could not decode the task message; see `undecodable_payload`).
     """
     if reason not in REASONS:
         raise ValueError(f"unknown dead-letter reason {reason!r}; expected one of {sorted(REASONS)}")
@@ -66,3 +68,32 @@ def record_dead_letter(
         upsert=True,
     )
     log.error("dead letter %s %s (%s after %d attempt(s)): %s", task_name, task_id, reason, attempts, error)
+
+
+def undecodable_payload(body: bytes | str) -> dict[str, Any]:
+    """The payload of a task message the worker could not decode, read as far as it can be.
+
+    The body is read as JSON with the registered types decoded where they decode and any other
+    `__type__`/`__value__` object left as the plain dict it is; the task's first argument is the
+    payload when it is a document. A body that is not JSON at all is kept as text under "body".
+    The dead letter then says what the event was (its _id, ns, documentKey) for a replay with
+    --refresh.
+    """
+    from kombu.utils.json import object_hook
+
+    def lenient(value: dict[str, Any]) -> Any:
+        try:
+            return object_hook(value)
+        except Exception:  # an unknown marker, or a value its decoder refuses: keep the dict
+            return value
+
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    try:
+        decoded = json.loads(text, object_hook=lenient)
+    except ValueError:
+        return {"body": text}
+    if isinstance(decoded, list) and decoded and isinstance(decoded[0], list) and decoded[0]:
+        first = decoded[0][0]
+        if isinstance(first, dict):
+            return first
+    return {"body": text}

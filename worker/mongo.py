@@ -13,6 +13,7 @@ import threading
 import pymongo
 from pymongo.database import Database
 
+from worker.serialization import MONGO_CLIENT_OPTIONS
 from worker.settings import get_settings
 
 _client: pymongo.MongoClient | None = None
@@ -28,7 +29,9 @@ def get_db() -> Database:
         if _client is None or _client_pid != os.getpid():
             # A client inherited through fork is abandoned, not closed: closing it could disturb the
             # parent's sockets.
-            _client = pymongo.MongoClient(settings.mongodb_uri, serverSelectionTimeoutMS=10_000)
+            _client = pymongo.MongoClient(
+                settings.mongodb_uri, serverSelectionTimeoutMS=10_000, **MONGO_CLIENT_OPTIONS
+            )
             _client_pid = os.getpid()
         return _client[settings.mongodb_db]
 

@@ -18,7 +18,7 @@ from bson import ObjectId
 from harness.pipeline import LocalPipeline, wait_until
 from listener.fragments import SPLIT_STAGE
 from listener.routes import compile_match
-from tests.integration.large_event_worker import SEEN, digest
+from tests.integration.large_event_summary import SEEN, digest
 from worker import app as repo_app
 
 ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes

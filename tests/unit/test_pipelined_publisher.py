@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import json
 import random
+import re
 import uuid
 from typing import Any
 
@@ -190,7 +191,7 @@ def test_large_batches_are_split_into_lpush_chunks() -> None:
 def test_an_unserializable_payload_is_rejected_not_raised() -> None:
     client = FakeRedis()
     bad = event(2)
-    bad["fullDocument"]["pattern"] = Regex("^x")
+    bad["fullDocument"]["pattern"] = re.compile("^x")  # not BSON
     messages = messages_for(event(1), ROUTES) + messages_for(bad, ROUTES)
     rejected = PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages)  # type: ignore[arg-type]
     assert [r.message for r in rejected] == messages_for(bad, ROUTES)
@@ -201,7 +202,7 @@ def test_an_unserializable_payload_is_rejected_not_raised() -> None:
 def test_nothing_to_send_is_no_round_trip() -> None:
     client = FakeRedis()
     bad = event(2)
-    bad["fullDocument"]["pattern"] = Regex("^x")
+    bad["fullDocument"]["pattern"] = re.compile("^x")  # not BSON
     publisher = PipelinedPublisher(make_app(), client=client)  # type: ignore[arg-type]
     assert publisher.publish([]) == []
     assert len(publisher.publish(messages_for(bad, ROUTES))) == 2
@@ -242,6 +243,11 @@ def test_the_fast_body_encoder_matches_the_registered_serializer() -> None:
         SON([("b", 1), ("a", ObjectId())]),
         {'é"\n': ["", "\u2028", 0.1, -0.0, float("nan"), float("-inf"), True, None, 2**80, []], "e": {}},
         {"deep": [[{"x": [ObjectId("65a1b2c3d4e5f60718293a4b")]}], ()], "bytes": b"\xff"},
+        {
+            "re": Regex("a", "i"),
+            "code": Code("f", {"__type__": Int64(1), "__value__": {}}),
+            "k": {"__value__": 1, "__type__": 2},
+        },
     ]
     for payload in payloads:
         body = ([payload], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
@@ -269,7 +275,7 @@ def test_keys_the_fast_encoder_does_not_spell_go_to_the_serializer() -> None:
 def test_types_the_fast_encoder_does_not_know_go_to_the_serializer() -> None:
     client = FakeRedis()
     bad = event(2)
-    bad["fullDocument"]["script"] = Code("return 1")  # refused by worker.serialization, with its path
+    bad["fullDocument"]["script"] = complex(1, 2)  # refused by worker.serialization, with its path
     publisher = PipelinedPublisher(make_app(sent_events=False), client=client)  # type: ignore[arg-type]
     rejected = publisher.publish(messages_for(bad, ROUTES))
     assert len(rejected) == 2 and "fullDocument.script" in rejected[0].error

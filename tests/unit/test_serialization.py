@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import re
 import uuid
 from typing import Any
 
 import pytest
 from bson import Binary, Decimal128, Int64, ObjectId, Timestamp
 from bson.code import Code
+from bson.datetime_ms import DatetimeMS
 from bson.dbref import DBRef
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
@@ -103,10 +105,44 @@ def test_celery_message_body_shape_round_trips() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [Regex("^a", "i"), Code("function() {}"), Code("x", {"a": 1}), MinKey(), MaxKey(), DBRef("c", 1)],
-    ids=["regex", "code", "code_with_scope", "minkey", "maxkey", "dbref"],
+    [
+        Regex("^a", "i"),
+        Code("function() {}"),
+        Code("x", {"a": Int64(1), "e": {"__type__": "x", "__value__": 1}}),
+        MinKey(),
+        MaxKey(),
+        DBRef("c", Int64(1), "db", extra={"n": Int64(2)}),
+        DatetimeMS(-(2**62)),
+        Decimal128("-NaN"),
+        {"__type__": "datetime", "__value__": "2026-01-01T00:00:00"},
+    ],
+    ids=[
+        "regex",
+        "code",
+        "code_with_scope",
+        "minkey",
+        "maxkey",
+        "dbref",
+        "datetime_ms",
+        "decimal128_bits",
+        "envelope",
+    ],
 )
-def test_other_bson_types_fail_clearly(value: Any) -> None:
+def test_the_other_bson_values_round_trip_exactly(value: Any) -> None:
+    # Values pymongo decodes besides the ones above (tests/unit/test_payload_round_trip.py has them all).
+    decoded = round_trip({"fullDocument": {"field": [1, value]}})["fullDocument"]["field"][1]
+    if isinstance(value, Code | DBRef | Decimal128):
+        assert repr(decoded) == repr(value) and type(decoded) is type(value)
+        if isinstance(value, Decimal128):
+            assert decoded.bid == value.bid
+    else:
+        assert_identical(decoded, value)
+
+
+@pytest.mark.parametrize(
+    "value", [re.compile("^a"), complex(1, 2), {1, 2}], ids=["re_pattern", "complex", "set"]
+)
+def test_values_that_are_not_bson_fail_clearly(value: Any) -> None:
     with pytest.raises(EncodeError) as raised:
         dumps({"fullDocument": {"field": [1, value]}}, serializer="json")
     message = str(raised.value)
