@@ -25,7 +25,10 @@ from pymongo.database import Database
 from listener.checkpoints import CheckpointStore
 from listener.publish import Publisher
 from listener.stream import Listener
+from worker import app as repo_app
 from worker.settings import Settings
+
+ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
 STREAM = "bench"
 BATCH_SIZE = 500  # LISTENER_BATCH_SIZE's default: one publish round trip per 500 events
@@ -164,6 +167,7 @@ def run_listener_core(
         db,  # type: ignore[arg-type]
         publisher,
         checkpoints,
+        ROUTES,
         settings=settings,
         summary_seconds=3600,
     )

@@ -40,8 +40,11 @@ from listener.checkpoints import CheckpointStore
 from listener.pipelined import PipelinedPublisher
 from listener.publish import CeleryPublisher, messages_for
 from listener.stream import Listener
+from worker import app as repo_app
 from worker.app import celery_config
 from worker.settings import Settings
+
+ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
 LPUSH_PER_ROUND_TRIP = 1000
 
@@ -68,7 +71,7 @@ def naive_loop(app: Celery, events: Sequence[Mapping[str, Any]], checkpoints: Ch
     """What a first listener would do: send_task per message, a checkpoint per 500 events."""
     sent = 0
     for i, event in enumerate(events, 1):
-        for message in messages_for(event):
+        for message in messages_for(event, ROUTES):
             app.send_task(message.task_name, args=[message.payload], task_id=message.task_id)
             sent += 1
         if i % BATCH_SIZE == 0 or i == len(events):
@@ -92,7 +95,7 @@ def bench_core(
     rows = []
     for size in sizes:
         events = list(change_events(size))
-        expected = sum(len(messages_for(e)) for e in events)
+        expected = sum(len(messages_for(e, ROUTES)) for e in events)
         row: dict[str, Any] = {"events": size, "messages": expected}
 
         # (a) and (c) take turns, `repeat` times each: wall-time rates on this machine move by
@@ -165,7 +168,7 @@ def bench_through_test_server(sizes: list[int], redis_url: str, mongo_uri: str) 
         settings = Settings(listener_stream_name=STREAM, listener_batch_size=BATCH_SIZE)
 
         def listener_for(db: Database = db, settings: Settings = settings) -> Listener:
-            return Listener(db, PipelinedPublisher(app), CheckpointStore(db), settings=settings)
+            return Listener(db, PipelinedPublisher(app), CheckpointStore(db), ROUTES, settings=settings)
 
         first = listener_for()  # saves "now" as the checkpoint, then stops
         thread = threading.Thread(target=first.run, daemon=True)

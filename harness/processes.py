@@ -31,8 +31,10 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         ready: str | None = None,
         log_dir: Path | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
+        self.cwd = cwd or REPO_ROOT  # another directory: a team's package outside this repository
         self.args = list(args)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.ready = re.compile(ready) if ready else None
@@ -48,7 +50,7 @@ class ManagedProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             self.args,
-            cwd=REPO_ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -144,9 +146,14 @@ def mongo_double_uri(process: ManagedProcess) -> str:
 
 
 def listener_process(
-    env: Mapping[str, str], *args: str, log_dir: Path | None = None, name: str = "listener"
+    env: Mapping[str, str],
+    *args: str,
+    log_dir: Path | None = None,
+    name: str = "listener",
+    cwd: Path | None = None,
 ) -> ManagedProcess:
-    return python_module(name, "listener", *args, env=env, ready=r"listener ready", log_dir=log_dir)
+    """`python -m listener args...` (`-A MODULE` among the args selects another app)."""
+    return python_module(name, "listener", *args, env=env, ready=r"listener ready", log_dir=log_dir, cwd=cwd)
 
 
 def worker_process(
@@ -156,13 +163,14 @@ def worker_process(
     app: str = "worker",
     concurrency: int = 2,
     log_dir: Path | None = None,
+    cwd: Path | None = None,
 ) -> ManagedProcess:
-    """`celery -A <app> worker` (app: changeflow's `worker`, or a test app built on it)."""
+    """`celery -A <app> worker` (app: changeflow's `worker`, a test app built on it, or a team's)."""
     args = [
         "-A", app, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency),
         "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip",
     ]  # fmt: skip
-    return python_module(name, "celery", *args, env=env, ready=r"ready\.", log_dir=log_dir)
+    return python_module(name, "celery", *args, env=env, ready=r"ready\.", log_dir=log_dir, cwd=cwd)
 
 
 def flower_process(env: Mapping[str, str], port: int, *, log_dir: Path | None = None) -> ManagedProcess:

@@ -1,10 +1,14 @@
 """`python -m listener [SUBCOMMAND] ...`: the listener and its operator commands.
 
-    python -m listener [flags]                 run the listener until SIGTERM/SIGINT (no subcommand)
+    python -m listener [-A MODULE] [flags]     run the listener until SIGTERM/SIGINT (no subcommand)
     python -m listener health [flags]          liveness/readiness from the heartbeat file (exit 0/1)
     python -m listener gaps [--all]            recorded gaps of lost change stream history
     python -m listener reconcile --gap ID ...  re-emit events for documents written in a gap
     python -m listener dead-letters list|show|replay|purge ...   failed tasks (docs/dead_letters.md)
+
+`-A/--app MODULE` (anywhere on the line; default CHANGEFLOW_APP, else `worker`, this repository's
+app) selects the changeflow app, as `celery -A` does: its routes, its tasks, its Celery configuration.
+`changeflow listen ...` (changeflow/cli.py) is the same command.
 
 Configuration comes from the environment (worker/settings.py); the flags only cover what an
 operator changes per process. Everything is checked before the listener starts: a bad setting or flag
@@ -47,9 +51,45 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-def run_subcommand(name: str, argv: Sequence[str]) -> int:
+# Subcommands that publish through the app (the others read MongoDB or a file only).
+APP_SUBCOMMANDS = frozenset({"reconcile", "dead-letters"})
+APP_HELP = "the changeflow app, as celery -A takes it (default: CHANGEFLOW_APP, else worker: this repo's)"
+
+
+def run_subcommand(name: str, argv: Sequence[str], app: str | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name])
+    if name in APP_SUBCOMMANDS:
+        return int(module.main(list(argv), app=app))
     return int(module.main(list(argv)))
+
+
+def pop_app_option(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(-A/--app value or None, argv without it): the option is taken anywhere, as celery's -A.
+
+    ValueError when the option has no value.
+    """
+    rest: list[str] = []
+    spec: str | None = None
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item in ("-A", "--app"):
+            if i + 1 >= len(items) or not items[i + 1].strip() or items[i + 1].startswith("-"):
+                raise ValueError(f"{item} needs a module (e.g. {item} acme.effects)")
+            spec = items[i + 1]
+            i += 2
+            continue
+        if item.startswith("--app="):
+            spec = item.partition("=")[2]
+        elif item.startswith("-A") and len(item) > 2 and not item.startswith("--"):
+            spec = item[2:]
+        else:
+            rest.append(item)
+        if spec is not None and not spec.strip():
+            raise ValueError("-A/--app needs a module (e.g. -A acme.effects)")
+        i += 1
+    return spec, rest
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -59,6 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"Subcommands: {', '.join(SUBCOMMANDS)} (python -m listener SUBCOMMAND --help).",
         epilog="exit codes: 0 stopped on request, 2 usage/settings, 3 history lost, 4 fatal MongoDB error",
     )
+    parser.add_argument("-A", "--app", metavar="MODULE", help=APP_HELP)
     parser.add_argument(
         "--stream-name",
         help="checkpoint name of this stream (default: LISTENER_STREAM_NAME)",
@@ -115,14 +156,20 @@ def scrub(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        app_spec, argv = pop_app_option(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if argv and argv[0] in SUBCOMMANDS:
-        return run_subcommand(argv[0], argv[1:])
-    return run(argv)
+        return run_subcommand(argv[0], argv[1:], app_spec)
+    return run(argv, app_spec)
 
 
-def run(argv: Sequence[str]) -> int:
-    """Run the listener (the default command)."""
+def run(argv: Sequence[str], app_spec: str | None = None) -> int:
+    """Run the listener (the default command) for the app `app_spec` names."""
     args = parse_args(argv)
+    app_spec = app_spec or args.app
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
@@ -130,19 +177,20 @@ def run(argv: Sequence[str]) -> int:
     )
     client: pymongo.MongoClient | None = None
     try:
-        # Importing anything from worker/ configures worker.app from the environment, so a bad
-        # variable raises SettingsError (a ValueError) right here: report it cleanly, exit 2.
+        # Loading the app reads the settings from the environment, so a bad variable raises
+        # SettingsError (a ValueError) right here, as does an app that cannot run (AppError): one
+        # line, exit 2.
+        from changeflow.app import load_app
         from listener.backpressure import Backpressure, BrokerQueueLength
         from listener.checkpoints import CheckpointStore
         from listener.health import HealthFile, default_path
         from listener.lease import Lease
         from listener.publish import make_publisher
         from listener.stream import Listener
-        from worker.app import app as worker_app
         from worker.serialization import MONGO_CLIENT_OPTIONS
-        from worker.settings import get_settings
 
-        settings = get_settings()
+        app = load_app(app_spec)
+        settings = app.settings
         if args.stream_name is not None:
             settings = dataclasses.replace(settings, listener_stream_name=args.stream_name)
         stream = settings.listener_stream_name
@@ -163,17 +211,18 @@ def run(argv: Sequence[str]) -> int:
         except OSError as exc:
             which = "--health-file" if args.health_file else "LISTENER_HEALTH_FILE"
             raise ValueError(f"{which}: cannot write the health file {health_path}: {exc}") from None
-        publisher = make_publisher(settings)
+        publisher = make_publisher(settings, app)
         check = getattr(publisher, "check", None)
         if check is not None:
             check()  # a broker URL the publisher cannot use fails now, not at the first event
         backpressure = None
         if settings.listener_max_queue_length:
-            backpressure = Backpressure(BrokerQueueLength(worker_app), settings.listener_max_queue_length)
+            backpressure = Backpressure(BrokerQueueLength(app), settings.listener_max_queue_length)
         listener = Listener(
             db,
             publisher,
             CheckpointStore(db),
+            app.routes,
             settings=settings,
             idle_checkpoint_seconds=args.idle_checkpoint_interval,
             summary_seconds=args.summary_interval,
@@ -183,7 +232,8 @@ def run(argv: Sequence[str]) -> int:
             backpressure=backpressure,
         )
     except (ValueError, ConfigurationError) as exc:
-        log.error("invalid settings: %s", scrub(str(exc)))
+        what = "app" if type(exc).__name__ == "AppError" else "settings"  # changeflow.app.AppError
+        log.error("invalid %s: %s", what, scrub(str(exc)))
         if client is not None:
             client.close()
         return EXIT_USAGE
@@ -196,7 +246,11 @@ def run(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("listener %s starting for stream %s (health file %s)", lease.owner, stream, health_path)
+    log.info(
+        "listener %s starting for stream %s, app %s: %d routes to %d tasks (health file %s)",
+        lease.owner, stream, app.main, len(app.routes),
+        len({name for route in app.routes for name in route.tasks}), health_path,
+    )  # fmt: skip
     # The start-up objects (modules, clients) live as long as the process: out of the collector's
     # reach, its full passes stay short instead of pausing the loop for 15-20 ms (docs/performance.md).
     gc.freeze()

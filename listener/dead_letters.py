@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from pymongo.collection import Collection
     from pymongo.database import Database
 
+    from changeflow.app import Changeflow
     from listener.publish import Publisher
 
 EXIT_OK = 0
@@ -402,9 +403,8 @@ def _show(args: argparse.Namespace, collection: Collection, out: Any) -> int:
     return EXIT_OK
 
 
-def _replay(args: argparse.Namespace, db: Database, out: Any) -> int:
+def _replay(args: argparse.Namespace, db: Database, out: Any, app: Changeflow) -> int:
     from listener.publish import make_publisher
-    from worker.settings import get_settings
 
     collection = db[COLLECTION]
     if args.ids:
@@ -412,7 +412,8 @@ def _replay(args: argparse.Namespace, db: Database, out: Any) -> int:
     else:
         query = {} if args.all else letter_filter(task=args.task, reason=args.reason, since=args.since)
         letters = find_letters(collection, query)[::-1]  # the oldest failure first
-    report = replay(letters, db, make_publisher(get_settings()), refresh=args.refresh, dry_run=args.dry_run)
+    publisher = make_publisher(app.settings, app)
+    report = replay(letters, db, publisher, refresh=args.refresh, dry_run=args.dry_run)
     print_report(report, args.dry_run, out)
     return EXIT_UNAVAILABLE if report.unavailable else EXIT_OK
 
@@ -427,8 +428,9 @@ def _purge(args: argparse.Namespace, collection: Collection, out: Any) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one dead-letters command; returns the exit code (see the module docstring)."""
+def main(argv: Sequence[str] | None = None, *, app: str | None = None) -> int:
+    """Run one dead-letters command for the changeflow app `app` names (-A; default CHANGEFLOW_APP,
+    else `worker`); returns the exit code (see the module docstring)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -440,12 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out = sys.stdout
     try:
-        # Importing worker/ configures worker.app from the environment: a bad variable raises here.
-        import worker.app  # noqa: F401  (configures the Celery app the publisher sends through)
+        # Loading the app reads the settings from the environment: a bad variable raises here.
+        from changeflow.app import load_app
         from worker.serialization import MONGO_CLIENT_OPTIONS
-        from worker.settings import get_settings
 
-        settings = get_settings()
+        changeflow_app = load_app(app)  # the Celery app a replay publishes through
+        settings = changeflow_app.settings
         client: pymongo.MongoClient = pymongo.MongoClient(
             settings.mongodb_uri,
             appname="changeflow-dead-letters",
@@ -453,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             **MONGO_CLIENT_OPTIONS,
         )
     except (ValueError, ConfigurationError) as exc:
-        print(f"invalid settings: {exc}", file=sys.stderr)
+        what = "app" if type(exc).__name__ == "AppError" else "settings"  # changeflow.app.AppError
+        print(f"invalid {what}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     db = client[settings.mongodb_db]
     try:
@@ -462,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "show":
             return _show(args, db[COLLECTION], out)
         if args.command == "replay":
-            return _replay(args, db, out)
+            return _replay(args, db, out, changeflow_app)
         return _purge(args, db[COLLECTION], out)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -62,7 +62,6 @@ from redis.connection import AbstractConnection
 from redis.retry import Retry
 
 from listener.publish import BROKER_ERRORS, ENCODE_ERRORS, BrokerUnavailable, Message, Rejected
-from worker.app import app as worker_app
 from worker.redis_conn import target_of_app
 from worker.serialization import (
     D128_COEFFICIENT,
@@ -127,8 +126,8 @@ _SUMMARY_LABELS = [(key, f"{key!r}: ") for key in SUMMARY_FIELDS]
 class PipelinedPublisher:
     """Publishes a batch of task messages in one pipelined Redis round trip (see the module doc).
 
-    `app` (default `worker.app`) gives the broker URL, the task serializer, the default queue, and
-    whether task-sent events are on. `client` replaces the Redis client made from the broker URL.
+    `app` (default: this repository's app) gives the broker URL, the task serializer, the default
+    queue, and whether task-sent events are on. `client` replaces the Redis client made from the broker URL.
     """
 
     def __init__(
@@ -139,7 +138,9 @@ class PipelinedPublisher:
         exact_argsrepr: bool = False,
         delivery_tag: Callable[[], str] | None = None,
     ) -> None:
-        self.app = app or worker_app
+        if app is None:
+            from worker import app  # this repository's app (tasks/app.py): looked up only when needed
+        self.app = app
         self.exact_argsrepr = exact_argsrepr
         self._delivery_tag = delivery_tag or delivery_tags()
         self._client = client

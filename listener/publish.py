@@ -2,7 +2,7 @@
 
 `messages_for(event, routes)` builds the messages of one event (task name, task id, payload);
 a `Publisher` hands a batch of them to the broker. `CeleryPublisher` sends each message through
-`worker.app`, so workers consume exactly what `app.send_task` produces.
+the app's Celery app, so workers consume exactly what `app.send_task` produces.
 
 The `Publisher` seam is where a faster implementation plugs in later: kombu 5.7's
 `Producer.batch()` pipelines a batch of prepared messages into one Redis round trip, with the same
@@ -26,8 +26,7 @@ import redis.exceptions
 from kombu.serialization import dumps
 
 from listener.payload import task_payload
-from listener.routes import ROUTES, Route, tasks_for
-from worker.app import app as worker_app
+from listener.routes import Route, tasks_for
 from worker.dead_letters import record_dead_letter
 from worker.keys import dedup_key
 
@@ -80,7 +79,7 @@ class Publisher(Protocol):
         ...
 
 
-def messages_for(event: Mapping[str, Any], routes: Iterable[Route] = ROUTES) -> list[Message]:
+def messages_for(event: Mapping[str, Any], routes: Iterable[Route]) -> list[Message]:
     """The task messages for one change event, one per routed task, all sharing one payload."""
     names = tasks_for(event, routes)
     if not names:
@@ -90,15 +89,15 @@ def messages_for(event: Mapping[str, Any], routes: Iterable[Route] = ROUTES) -> 
 
 
 class CeleryPublisher:
-    """Publishes through a Celery app (default `worker.app`), one pooled producer per batch.
+    """Publishes through a Celery app (the loaded changeflow app), one pooled producer per batch.
 
     Celery's own publish retry is off: it would block the stream loop for a long time with the batch
     half-sent. A failed publish raises after one connection attempt (bounded by Celery's
     broker_connection_timeout), and the listener backs off and retries the batch.
     """
 
-    def __init__(self, app: Celery | None = None) -> None:
-        self.app = app or worker_app  # the shared app: same serializer and broker as the workers
+    def __init__(self, app: Celery) -> None:
+        self.app = app  # the shared app: same serializer and broker as the workers
 
     def publish(self, messages: Sequence[Message]) -> list[Rejected]:
         rejected: list[Rejected] = []
@@ -159,10 +158,10 @@ def storable(value: Any, serializer: str = "json") -> Any:
     return value
 
 
-def make_publisher(settings: Settings) -> Publisher:
-    """The publisher LISTENER_PUBLISHER names: "pipelined" (default) or "celery"."""
+def make_publisher(settings: Settings, app: Celery) -> Publisher:
+    """The publisher LISTENER_PUBLISHER names, sending through `app`: "pipelined" (default) or "celery"."""
     if settings.listener_publisher == "celery":
-        return CeleryPublisher()
+        return CeleryPublisher(app)
     from listener.pipelined import PipelinedPublisher  # imports this module: import here, not at the top
 
-    return PipelinedPublisher()
+    return PipelinedPublisher(app)

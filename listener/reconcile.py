@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
+def main(argv: Sequence[str] | None = None, out: Any = sys.stdout, *, app: str | None = None) -> int:
+    """Run `reconcile` for the changeflow app `app` names (-A; default CHANGEFLOW_APP, else `worker`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.until is not None and args.since is None:
@@ -291,13 +292,13 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
         import pymongo
         from pymongo.errors import ConfigurationError, PyMongoError
 
+        from changeflow.app import load_app
         from listener.gaps import GapStore
         from listener.publish import BrokerUnavailable, make_publisher
-        from listener.routes import ROUTES
         from worker.serialization import MONGO_CLIENT_OPTIONS
-        from worker.settings import get_settings
 
-        settings = get_settings()
+        changeflow_app = load_app(app)  # its settings (from the environment), routes and Celery app
+        settings = changeflow_app.settings
         client: pymongo.MongoClient = pymongo.MongoClient(
             settings.mongodb_uri,
             appname="changeflow-reconcile",
@@ -305,7 +306,8 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
             **MONGO_CLIENT_OPTIONS,
         )
     except (ValueError, ConfigurationError) as exc:
-        print(f"invalid settings: {exc}", file=sys.stderr)
+        what = "app" if type(exc).__name__ == "AppError" else "settings"  # changeflow.app.AppError
+        print(f"invalid {what}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     db = client[settings.mongodb_db]
     gaps = GapStore(db)
@@ -324,7 +326,8 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
         if until < since:
             raise UsageError(f"empty window: {until.isoformat()} is before {since.isoformat()}")
         counts = reconcile(
-            db, make_publisher(settings), ROUTES, since, until, resumed_at=resumed_at,
+            db, make_publisher(settings, changeflow_app), changeflow_app.routes, since, until,
+            resumed_at=resumed_at,
             dry_run=args.dry_run, batch_size=settings.listener_batch_size, out=out,
         )  # fmt: skip
         verb = "would publish" if args.dry_run else "published"

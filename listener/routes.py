@@ -1,14 +1,14 @@
-"""Which change events trigger which tasks: the route table, declared in one place.
+"""Which change events trigger which tasks: routes, and the `$match` they compile to.
 
-A route names a collection, the operation types it reacts to, the tasks to send, and optionally a
-condition on the event's fields. The same table is used twice:
+A route names a collection, the operation types it reacts to, the tasks to send, and optionally
+conditions on the event: `when` (FieldChanged) and `match` (any MongoDB query on the change event).
+An app's routes (changeflow.Changeflow.routes, declared with `@app.on` beside the tasks) are used
+twice:
 
 - `compile_match(routes)` turns it into the change stream's server-side `$match`, so changes no route
   wants never leave MongoDB;
-- `tasks_for(event, routes)` makes the same decision client-side, event by event.
-
-Adding a side effect is one task function (in `tasks/`, registered as `tasks.<function>`) plus one
-`Route` in `ROUTES`.
+- `tasks_for(event, routes)` makes the same decision client-side, event by event (a `match` is
+  evaluated by listener/matching.py, the same query semantics as the server's).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from listener.matching import check_query, query_matches
 
 # Operation types a FieldChanged condition can be evaluated on: the others carry neither a
 # fullDocument nor an updateDescription.
@@ -62,7 +64,8 @@ class FieldChanged:
 
 @dataclass(frozen=True)
 class Route:
-    """Send `tasks` for `operation_types` events on `collection` (when `when` holds, if given).
+    """Send `tasks` for `operation_types` events on `collection` (when `when` holds and the event
+    satisfies the query `match`, if given).
 
     `changed_at` (optional) names a top-level date field the application sets when it writes a
     document in a way this route cares about (the creation time for an insert route, e.g. an
@@ -75,6 +78,7 @@ class Route:
     tasks: tuple[str, ...]
     when: FieldChanged | None = None
     changed_at: str | None = None
+    match_query: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence (a list reads fine in a route table) but store tuples: routes are
@@ -93,9 +97,23 @@ class Route:
         if self.when is not None:
             for operation_type in self.operation_types:
                 self.when.match_for(operation_type)  # raises for operation types it cannot judge
+        if self.match_query is not None:
+            check_query(self.match_query)
+
+    def __hash__(self) -> int:
+        # match_query is a dict (unhashable): hash by its repr, as the rest of the route is hashed.
+        return hash((self.collection, self.operation_types, self.tasks, self.when, self.changed_at,
+                     repr(self.match_query)))  # fmt: skip
 
     def match(self) -> dict[str, Any]:
         """This route's part of the server-side $match."""
+        clause = self._base_match()
+        if self.match_query is None:
+            return clause
+        # $and rather than merging keys: the query may name ns.coll or operationType itself.
+        return {"$and": [clause, dict(self.match_query)]}
+
+    def _base_match(self) -> dict[str, Any]:
         clause: dict[str, Any] = {"ns.coll": self.collection}
         if self.when is None:
             clause["operationType"] = {"$in": list(self.operation_types)}
@@ -123,22 +141,12 @@ class Route:
             return False
         if event.get("operationType") not in self.operation_types:
             return False
-        return self.when is None or self.when.holds(event)
+        if self.when is not None and not self.when.holds(event):
+            return False
+        return self.match_query is None or query_matches(self.match_query, event)
 
 
-ROUTES: tuple[Route, ...] = (
-    Route("users", ["insert"], ["tasks.send_welcome_email", "tasks.create_profile"]),
-    Route("orders", ["insert"], ["tasks.update_analytics"]),
-    Route(
-        "orders",
-        ["update"],
-        ["tasks.send_shipping_notification", "tasks.update_analytics"],
-        when=FieldChanged("status"),
-    ),
-)
-
-
-def compile_match(routes: Iterable[Route] = ROUTES) -> dict[str, Any]:
+def compile_match(routes: Iterable[Route]) -> dict[str, Any]:
     """The change stream's `$match` stage body: an event passes when any route wants it."""
     clauses = [route.match() for route in routes]
     if not clauses:
@@ -147,7 +155,7 @@ def compile_match(routes: Iterable[Route] = ROUTES) -> dict[str, Any]:
     return clauses[0] if len(clauses) == 1 else {"$or": clauses}
 
 
-def tasks_for(event: Mapping[str, Any], routes: Iterable[Route] = ROUTES) -> list[str]:
+def tasks_for(event: Mapping[str, Any], routes: Iterable[Route]) -> list[str]:
     """Task names for one change event, in route order, each name once."""
     names: dict[str, None] = {}  # an ordered set
     for route in routes:

@@ -72,7 +72,7 @@ from listener.publish import (
     messages_for,
     record_unpublishable,
 )
-from listener.routes import ROUTES, Route, compile_match
+from listener.routes import Route, compile_match
 from worker.settings import Settings, get_settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class Listener:
         db: Database,
         publisher: Publisher,
         checkpoints: CheckpointStore | None = None,
-        routes: Sequence[Route] = ROUTES,
+        routes: Sequence[Route] = (),
         settings: Settings | None = None,
         *,
         dead_letter: Callable[[Rejected], None] | None = None,

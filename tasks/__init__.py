@@ -1,5 +1,5 @@
-"""changeflow's side effects, one module per domain, each task registered as `tasks.<function>`.
+"""changeflow's own side effects, one module per domain, declared on the app of tasks/app.py.
 
-A task is one function decorated with `worker.task`, taking the change event; the event-to-task
-mapping (the route) lives in listener/routes.py.
+A task is one function decorated with `@app.on(collection, operation_types, ...)`, taking the change
+event: the route lives beside it. Importing this package creates nothing; tasks/app.py does.
 """

@@ -16,7 +16,8 @@ from pymongo.client_session import ClientSession
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
-from worker import task
+from changeflow import FieldChanged
+from tasks.app import app
 from worker.errors import Skip
 from worker.idempotent import current_key
 from worker.mongo import get_db
@@ -95,7 +96,8 @@ def count_once(db: Database, key: str, bucket: Bucket) -> bool:
     return True
 
 
-@task
+@app.on("orders", "update", when=FieldChanged("status"))
+@app.on("orders", "insert", name="tasks.update_analytics")
 def update_analytics(event: dict[str, Any]) -> None:
     """Count an orders insert or status change in its day's per-status counter."""
     bucket = analytics_bucket(event)

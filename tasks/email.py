@@ -28,7 +28,8 @@ from typing import Any
 import idna
 from bson import Decimal128
 
-from worker import task
+from changeflow import FieldChanged
+from tasks.app import app
 from worker.errors import PermanentTaskError, Skip, TransientTaskError
 from worker.idempotent import current_key
 from worker.mongo import get_db
@@ -216,14 +217,14 @@ def _full_document(event: Mapping[str, Any]) -> Mapping[str, Any]:
     return document
 
 
-@task
+@app.on("users", "insert", name="tasks.send_welcome_email")
 def send_welcome_email(event: dict[str, Any]) -> None:
     """Welcome the user a users insert created."""
     user = _full_document(event)
     send(welcome_email(user, key=current_key(), mail_from=get_settings().mail_from))
 
 
-@task
+@app.on("orders", "update", when=FieldChanged("status"), name="tasks.send_shipping_notification")
 def send_shipping_notification(event: dict[str, Any]) -> None:
     """Tell the order's user it shipped / was delivered; other status changes send nothing."""
     status = new_status(event)

@@ -9,7 +9,7 @@ from typing import Any
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
-from worker import task
+from tasks.app import app
 from worker.mongo import get_db
 
 DEFAULT_SETTINGS: dict[str, Any] = {"email_notifications": True, "language": "en", "timezone": "UTC"}
@@ -39,7 +39,7 @@ def create_profile_once(db: Database, user: Mapping[str, Any]) -> bool:
     return result.upserted_id is not None
 
 
-@task
+@app.on("users", "insert", name="tasks.create_profile")
 def create_profile(event: dict[str, Any]) -> None:
     """Create the profile of the user a users insert created."""
     user = event.get("fullDocument") or {"_id": event["documentKey"]["_id"]}

@@ -89,7 +89,8 @@ def first_attempt_at(request: Any, default: float) -> float:
 class IdempotentTask(Task):
     """Base class of changeflow's tasks (see the module docstring for the outcomes)."""
 
-    # The guard enforces its retry budget itself (it must also dead-letter); Celery's limit is off.
+    # The guard enforces its retry budget (and a task's own max_retries) itself, before Celery's
+    # retry() would (it must also dead-letter); Celery's default limit is off.
     max_retries = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -163,7 +164,8 @@ class IdempotentTask(Task):
             now=time.time(),
             retries=self.request.retries,
             retry_for_seconds=settings.task_retry_for_seconds,
-            max_retries=settings.task_max_retries,
+            # A task's own max_retries (`@app.on(..., max_retries=N)`), else TASK_MAX_RETRIES.
+            max_retries=settings.task_max_retries if self.max_retries is None else self.max_retries,
         )
 
     def _hand_back(self, exc: BaseException, first: float, **headers: str) -> Retry:

@@ -343,3 +343,21 @@ def _redis_url_problems(name: str, url: str, schemes: tuple[str, ...], settings:
 def get_settings() -> Settings:
     """The process's settings, read from the environment on first use."""
     return Settings.from_env()
+
+
+# Which app `python -m listener`, `changeflow ...` run without -A/--app: a module as `celery -A` takes
+# it (`acme.effects`, or `acme.effects:app`). Read on its own, before any app (and its settings) exists.
+APP_VARIABLE = "CHANGEFLOW_APP"
+DEFAULT_APP = "worker"  # this repository's app (tasks/app.py), as `celery -A worker` finds it
+_APP_SPEC = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?")
+
+
+def default_app_spec(env: Mapping[str, str] | None = None) -> str:
+    """CHANGEFLOW_APP, else this repository's app; SettingsError naming the variable when malformed."""
+    env = os.environ if env is None else env
+    value = env.get(APP_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_APP
+    if not _APP_SPEC.fullmatch(value):
+        raise SettingsError(f"{APP_VARIABLE} must name a module (acme.effects[:app]), got {value!r}")
+    return value

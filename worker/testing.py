@@ -4,7 +4,8 @@
         tasks.email.send_welcome_email.apply(args=[event], task_id=key)
 
 Settings come from the environment (worker.settings.get_settings), so this sets the variables,
-clears get_settings' cache and reconfigures the app; on exit it restores all three.
+clears get_settings' cache and reconfigures this repository's app (`worker.app`, tasks/app.py);
+on exit it restores all three.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from worker.app import configure
 from worker.settings import Settings, get_settings
 
 
 @contextmanager
 def configured(**env: str) -> Iterator[Settings]:
+    from worker import app
+
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     get_settings.cache_clear()
     try:
-        yield configure()
+        yield app.configure()
     finally:
         for name, value in saved.items():
             if value is None:
@@ -31,4 +33,4 @@ def configured(**env: str) -> Iterator[Settings]:
             else:
                 os.environ[name] = value
         get_settings.cache_clear()
-        configure()
+        app.configure()

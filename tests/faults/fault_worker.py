@@ -1,6 +1,7 @@
 """changeflow's worker app as the fault suite runs it: `celery -A tests.faults.fault_worker worker`.
 
-The app is `worker.app` itself, same settings and task modules, with two test-only additions:
+The app is this repository's own (`worker.app`, tasks/app.py), same settings and tasks,
+with two test-only additions:
 
 - Redelivery sweep. kombu's Redis transport (5.7) looks for unacked messages older than the visibility
   timeout only every `unacked_restore_interval * unacked_restore_throttle` seconds (10 * 10 by
@@ -19,7 +20,6 @@ The app is `worker.app` itself, same settings and task modules, with two test-on
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
@@ -30,7 +30,7 @@ from typing import Any
 from celery import Task
 
 from tests.faults.knobs import DELAY_ENV, FLAG_ENV, WINDOW_LOG
-from worker.app import TASK_MODULES, app
+from worker import app  # this repository's app, its modules discovered
 
 log = logging.getLogger("changeflow.faults")
 
@@ -63,8 +63,6 @@ app.conf.broker_transport_options = {
     "unacked_restore_interval": 1,
     "unacked_restore_throttle": 1,
 }
-for _module in TASK_MODULES:
-    importlib.import_module(_module)
 for _name, _task in app.tasks.items():
     if _name.startswith("tasks."):
         _slow_after_body(_task)

@@ -1,13 +1,12 @@
 """changeflow's worker app recording what each task received: `celery -A <this module> worker`.
 
-The app is `worker.app` itself, same settings and task modules; before each task body runs, a summary
-of its event (sizes and digests of the large fields, not the fields) is inserted into
-`large_event_seen`, so a test can see the event a task ran with, as the worker decoded it.
+The app is this repository's own (`worker.app`, tasks/app.py), same settings and tasks; before each
+task body runs, a summary of its event (sizes and digests of the large fields, not the fields) is
+inserted into `large_event_seen`, so a test can see the event a task ran with, as the worker decoded it.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from celery import Task
 
 from tests.integration.large_event_summary import SEEN, summary
-from worker.app import TASK_MODULES, app
+from worker import app  # this repository's app, its modules discovered
 from worker.mongo import get_db
 
 
@@ -30,8 +29,6 @@ def _recording(task: Task) -> None:
     task.run = run  # IdempotentTask calls self.run: the instance attribute shadows the class's body
 
 
-for _module in TASK_MODULES:
-    importlib.import_module(_module)
 for _name, _task in app.tasks.items():
     if _name.startswith("tasks."):
         _recording(_task)

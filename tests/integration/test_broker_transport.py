@@ -9,8 +9,7 @@ import redis
 from kombu import Connection, Exchange, Queue
 
 from harness.redis_server import RedisServer
-from worker import broker
-from worker.app import app
+from worker import app, broker
 
 
 @pytest.fixture

@@ -19,6 +19,9 @@ from harness.pipeline import LocalPipeline, wait_until
 from listener.fragments import SPLIT_STAGE
 from listener.routes import compile_match
 from tests.integration.large_event_summary import SEEN, digest
+from worker import app as repo_app
+
+ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
 pytestmark = pytest.mark.e2e
 
@@ -43,9 +46,8 @@ def test_a_split_event_runs_its_tasks_once_with_the_whole_event() -> None:
         db.users.insert_one(user)
         db.orders.insert_one(order)
         # The same stream as the listener's, to learn the fragments' tokens.
-        with db.watch(
-            [{"$match": compile_match()}, SPLIT_STAGE], full_document="updateLookup", max_await_time_ms=500
-        ) as stream:
+        stages = [{"$match": compile_match(ROUTES)}, SPLIT_STAGE]
+        with db.watch(stages, full_document="updateLookup", max_await_time_ms=500) as stream:
             db.orders.update_one({"_id": order["_id"]}, {"$set": {"status": "shipped", "more": more}})
             fragments: list[dict[str, Any]] = []
             deadline = time.monotonic() + 60

@@ -33,9 +33,12 @@ from listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK
 from listener.payload import PAYLOAD_FIELDS
 from listener.publish import CeleryPublisher
 from listener.stream import Listener
+from worker import app as repo_app
 from worker.app import celery_config
 from worker.keys import dedup_key
 from worker.settings import Settings
+
+ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
 STREAM = "test-listener"
 TIMEOUT = 15.0
@@ -144,6 +147,7 @@ def start_listener(listener_db: Database, celery_app: Celery) -> Iterator[Callab
         listener = Listener(
             listener_db,
             CeleryPublisher(celery_app),
+            routes=ROUTES,
             settings=Settings(**{**options, **settings}),
             backoff=Backoff(base=0.05, cap=0.5),
             idle_checkpoint_seconds=0.2,
@@ -187,21 +191,30 @@ def test_routed_writes_become_celery_task_messages(
     db.orders.insert_one({"_id": 3, "user_id": user_id, "status": "new"})  # the last one, a sentinel
 
     messages = queue.wait(7)
-    assert [m["task"] for m in messages] == [
-        "tasks.send_welcome_email",
-        "tasks.create_profile",
-        "tasks.update_analytics",
-        "tasks.send_shipping_notification",
-        "tasks.update_analytics",
-        "tasks.update_analytics",
-        "tasks.update_analytics",
+    # Per event in write order, its tasks (their order within an event follows route declaration).
+    per_event: list[list[str]] = []
+    for previous, message in zip([None, *messages], messages, strict=False):
+        if previous is None or previous["payload"]["_id"] != message["payload"]["_id"]:
+            per_event.append([])
+        per_event[-1].append(message["task"])
+    assert [sorted(tasks) for tasks in per_event] == [
+        ["tasks.create_profile", "tasks.send_welcome_email"],
+        ["tasks.update_analytics"],
+        ["tasks.send_shipping_notification", "tasks.update_analytics"],
+        ["tasks.update_analytics"],
+        ["tasks.update_analytics"],
     ]
     for message in messages:
         payload = message["payload"]
         assert message["id"] == dedup_key(payload["_id"], message["task"])
         assert set(payload) <= set(PAYLOAD_FIELDS)
         assert message["envelope"]["headers"]["id"] == message["id"]
-    welcome, _profile, _insert, shipping, _update, _insert2, last = (m["payload"] for m in messages)
+    by_task = {m["task"]: m["payload"] for m in messages}
+    welcome, shipping, last = (
+        by_task["tasks.send_welcome_email"],
+        by_task["tasks.send_shipping_notification"],
+        messages[-1]["payload"],
+    )
     assert welcome["operationType"] == "insert"
     assert welcome["ns"] == {"db": db.name, "coll": "users"}
     assert welcome["documentKey"]["_id"] == user_id and isinstance(user_id, ObjectId)  # BSON type intact

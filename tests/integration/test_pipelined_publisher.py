@@ -30,8 +30,11 @@ from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
 from listener.pipelined import PipelinedPublisher
 from listener.publish import BrokerUnavailable, messages_for
+from worker import app as repo_app
 from worker.app import celery_config
 from worker.settings import Settings
+
+ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
 
 def change_event(data: str = "8263AB01") -> dict[str, Any]:
@@ -80,7 +83,7 @@ def decode_body(envelope: dict[str, Any]) -> Any:
 
 def test_messages_match_send_task(celery_app: Celery, client: redis.Redis) -> None:
     event = change_event()
-    (message, *_) = messages_for(event)
+    (message, *_) = messages_for(event, ROUTES)
     celery_app.send_task(
         message.task_name, args=[message.payload], task_id=message.task_id, retry=False, add_to_parent=False
     )
@@ -107,7 +110,7 @@ def test_messages_match_send_task(celery_app: Celery, client: redis.Redis) -> No
 
 
 def test_exact_argsrepr_matches_send_task(celery_app: Celery, client: redis.Redis) -> None:
-    (message, *_) = messages_for(change_event())
+    (message, *_) = messages_for(change_event(), ROUTES)
     celery_app.send_task(
         message.task_name, args=[message.payload], task_id=message.task_id, retry=False, add_to_parent=False
     )
@@ -118,7 +121,7 @@ def test_exact_argsrepr_matches_send_task(celery_app: Celery, client: redis.Redi
 
 def test_task_sent_events_match(celery_app: Celery, client: redis.Redis) -> None:
     """send_task's task-sent event, and the pipelined one: the same event, grouped like Celery's buffers."""
-    (message, *_) = messages_for(change_event())
+    (message, *_) = messages_for(change_event(), ROUTES)
     pubsub = client.pubsub()
     pubsub.psubscribe("*celeryev*")
     assert pubsub.get_message(timeout=2) is not None  # the subscription confirmation
@@ -161,7 +164,7 @@ def test_task_sent_events_match(celery_app: Celery, client: redis.Redis) -> None
 
 def test_celery_event_receivers_see_each_task_sent_event(celery_app: Celery) -> None:
     """What Flower uses (celery.events.EventReceiver) gets one task-sent event per message."""
-    messages = messages_for(change_event()) + messages_for(change_event("8263AB02"))
+    messages = messages_for(change_event(), ROUTES) + messages_for(change_event("8263AB02"), ROUTES)
     seen: list[dict[str, Any]] = []
     ready = threading.Event()
     with celery_app.connection_for_read() as connection:
@@ -186,7 +189,7 @@ def test_a_batch_is_pushed_in_order_and_unserializable_messages_are_rejected(
 ) -> None:
     events = [change_event(f"82{i:04X}") for i in range(5)]
     events[2]["fullDocument"]["pattern"] = re.compile("^a")  # not BSON: the serializer refuses it
-    messages = [message for event in events for message in messages_for(event)]
+    messages = [message for event in events for message in messages_for(event, ROUTES)]
     rejected = PipelinedPublisher(celery_app).publish(messages)
 
     assert [r.message.payload["_id"] for r in rejected] == [events[2]["_id"]] * 2
@@ -197,7 +200,7 @@ def test_a_batch_is_pushed_in_order_and_unserializable_messages_are_rejected(
 
 def test_a_stopped_broker_raises_broker_unavailable(celery_app: Celery, redis_server: RedisServer) -> None:
     publisher = PipelinedPublisher(celery_app)
-    messages = messages_for(change_event())
+    messages = messages_for(change_event(), ROUTES)
     assert publisher.publish(messages) == []
     redis_server.stop()
     with pytest.raises(BrokerUnavailable):
@@ -220,7 +223,7 @@ def test_a_real_worker_runs_the_tasks(redis_server: RedisServer, mongodb_uri: st
         app = Celery("changeflow-test", set_as_current=False)
         app.conf.update(celery_config(Settings(celery_broker_url=redis_server.url)))
         event = change_event(f"82{uuid.uuid4().hex[:8].upper()}")
-        messages = messages_for(event)
+        messages = messages_for(event, ROUTES)
         assert PipelinedPublisher(app).publish(messages) == []
         worker = worker_process(env, "pipelined", concurrency=1).start(timeout=60)
         try:

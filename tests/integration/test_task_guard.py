@@ -205,3 +205,29 @@ def test_clients_are_recreated_in_a_forked_process(worker: Settings, monkeypatch
     monkeypatch.setattr(os, "getpid", lambda: -1)
     assert get_db().client is not db_before.client
     assert get_dedup_store() is not store_before
+
+
+def test_a_tasks_own_max_retries_ends_in_a_dead_letter_too(
+    redis_server: RedisServer, db: Database, mongodb_uri: str, smtp: SmtpSink
+) -> None:
+    """`@app.on(..., max_retries=N)` (a task option passed to Celery) is the guard's limit for that task."""
+    from worker import app
+    from worker.errors import TransientTaskError
+    from worker.idempotent import IdempotentTask
+
+    name = "tests.always_transient"
+    if name not in app.tasks:
+
+        @app.task(name=name, base=IdempotentTask, max_retries=1)
+        def always_transient(event: dict[str, Any]) -> None:
+            raise TransientTaskError("not yet")
+
+    with configured(**servers(redis_server, smtp, MONGODB_URI=mongodb_uri, MONGODB_DB=db.name)) as settings:
+        event, _ = welcome_event()
+        key = dedup_key(event["_id"], name)
+        result = app.tasks[name].apply(args=[event], task_id=key)
+        assert result.state == "FAILURE"
+        letter = db.changeflow_dead_letters.find_one({"_id": key})
+        assert letter is not None, "a task's own max_retries must end in a dead letter, never a lost task"
+        assert (letter["reason"], letter["attempts"]) == ("retries_exhausted", 2)
+        assert settings.task_max_retries == 2  # the setting alone would have allowed 3 attempts

@@ -31,7 +31,7 @@ from harness.processes import ManagedProcess, worker_process
 from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
 from tests.faults.knobs import DELAY_ENV, FAULT_WORKER, FLAG_ENV, WINDOW_LOG
-from worker.app import app
+from worker import app
 from worker.dead_letters import COLLECTION
 from worker.dedup import DedupStore
 from worker.errors import is_transient

@@ -11,6 +11,9 @@ from bson import ObjectId, Timestamp
 from listener.routes import compile_match
 from mongo_double.changestreams import apply_pipeline, compile_pipeline
 from mongo_double.errors import MongoError
+from worker import app as repo_app
+
+ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
 WHEN = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901)
 
@@ -43,7 +46,7 @@ EVENTS = [
 ]
 
 STAGES = [
-    [{"$match": compile_match()}],  # what the listener sends
+    [{"$match": compile_match(ROUTES)}],  # what the listener sends
     [{"$match": {"operationType": {"$in": ["insert", "update"]}}}, {"$match": {"ns.coll": "orders"}}],
     [{"$match": {"fullDocument.n": {"$gte": 2}}}],
     [{"$match": {"wallTime": {"$gte": WHEN.replace(tzinfo=datetime.UTC)}}}],  # aware vs naive

@@ -13,6 +13,9 @@ from listener.backpressure import FIRST_WAIT, MAX_WAIT, Backpressure, next_wait,
 from listener.exit_codes import EXIT_OK
 from listener.health import HealthFile, check
 from tests.unit.test_listener_stream import STREAM, FakeDatabase, Journal, make_listener, token, user_insert
+from worker import app as repo_app
+
+ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
 
 def test_resume_threshold_is_below_the_bound_and_at_least_one() -> None:
@@ -107,4 +110,4 @@ def test_health_reports_a_paused_listener_as_healthy_and_says_why(tmp_path: Path
 def _task_ids(n: int) -> list[str]:
     from listener.publish import messages_for
 
-    return [m.task_id for m in messages_for(user_insert(n))]
+    return [m.task_id for m in messages_for(user_insert(n), ROUTES)]

@@ -20,10 +20,13 @@ from listener.publish import (
     record_unpublishable,
     storable,
 )
+from worker import app as repo_app
 from worker.app import celery_config
 from worker.keys import dedup_key
 from worker.serialization import check_serializable
 from worker.settings import Settings
+
+ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
 
 def user_insert(data: str = "8201", **document: Any) -> dict[str, Any]:
@@ -48,7 +51,7 @@ def celery_app(broker_url: str) -> Celery:
 
 def test_messages_share_the_trimmed_payload_and_use_dedup_keys() -> None:
     change = user_insert()
-    messages = messages_for(change)
+    messages = messages_for(change, ROUTES)
     assert [m.task_name for m in messages] == ["tasks.send_welcome_email", "tasks.create_profile"]
     assert [m.task_id for m in messages] == [dedup_key(change["_id"], m.task_name) for m in messages]
     assert messages[0].payload == messages[1].payload
@@ -57,7 +60,7 @@ def test_messages_share_the_trimmed_payload_and_use_dedup_keys() -> None:
 
 
 def test_unrouted_event_has_no_messages() -> None:
-    assert messages_for({**user_insert(), "operationType": "delete"}) == []
+    assert messages_for({**user_insert(), "operationType": "delete"}, ROUTES) == []
 
 
 def test_storable_reprs_only_what_the_serializer_refuses() -> None:
@@ -72,7 +75,8 @@ def test_storable_reprs_only_what_the_serializer_refuses() -> None:
 
 def test_publisher_rejects_only_the_unserializable_message() -> None:
     app = celery_app("memory://")
-    good, bad = messages_for(user_insert("8201")), messages_for(user_insert("8202", pattern=re.compile("^a")))
+    good = messages_for(user_insert("8201"), ROUTES)
+    bad = messages_for(user_insert("8202", pattern=re.compile("^a")), ROUTES)
     rejected = CeleryPublisher(app).publish([*good, *bad])
     assert [r.message for r in rejected] == bad
     assert all("EncodeError" in r.error or "Unserializable" in r.error for r in rejected)
@@ -93,7 +97,7 @@ def test_broker_outage_raises_broker_unavailable() -> None:
     app = celery_app(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     app.conf.broker_connection_timeout = 0.2
     with pytest.raises(BrokerUnavailable):
-        CeleryPublisher(app).publish(messages_for(user_insert()))
+        CeleryPublisher(app).publish(messages_for(user_insert(), ROUTES))
 
 
 def test_empty_batch_does_not_touch_the_broker() -> None:
@@ -104,7 +108,7 @@ def test_empty_batch_does_not_touch_the_broker() -> None:
 def test_unpublishable_message_becomes_a_storable_dead_letter() -> None:
     db = mongomock.MongoClient().db
     change = user_insert(pattern=re.compile("^a"))
-    message = messages_for(change)[0]
+    message = messages_for(change, ROUTES)[0]
     record_unpublishable(db, Rejected(message, "EncodeError: cannot serialize", "Traceback ...\nEncodeError"))
     letter = db.changeflow_dead_letters.find_one({"_id": message.task_id})
     assert letter is not None

@@ -17,7 +17,10 @@ from listener.checkpoints import Checkpoint
 from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
 from listener.publish import BrokerUnavailable, Message, Rejected
 from listener.stream import Listener, is_resumable
+from worker import app as repo_app
 from worker.settings import Settings
+
+ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
 STREAM = "test-stream"
 
@@ -173,6 +176,7 @@ def make_listener(
         db,  # type: ignore[arg-type]
         journal,
         journal,  # type: ignore[arg-type]
+        ROUTES,
         settings=settings,
         dead_letter=journal.dead_letter,
         **kwargs,
@@ -184,7 +188,7 @@ def make_listener(
 def task_ids(*events: dict[str, Any]) -> list[str]:
     from listener.publish import messages_for
 
-    return [m.task_id for e in events for m in messages_for(e)]
+    return [m.task_id for e in events for m in messages_for(e, ROUTES)]
 
 
 def test_first_start_saves_now_then_publishes_before_each_checkpoint(

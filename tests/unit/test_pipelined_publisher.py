@@ -20,8 +20,11 @@ from celery import Celery
 
 from listener.pipelined import LPUSH_CHUNK, PipelinedPublisher, summary_argsrepr
 from listener.publish import BrokerUnavailable, Message, messages_for
+from worker import app as repo_app
 from worker.app import celery_config
 from worker.settings import Settings
+
+ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
 
 class FakeConnection:
@@ -114,7 +117,7 @@ def event(i: int, coll: str = "users") -> dict[str, Any]:
 
 def test_a_batch_is_one_round_trip_with_one_lpush() -> None:
     client = FakeRedis()
-    messages = [m for i in range(10) for m in messages_for(event(i))]
+    messages = [m for i in range(10) for m in messages_for(event(i), ROUTES)]
     assert PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages) == []  # type: ignore[arg-type]
     (commands,) = client.round_trips
     assert [c[:2] for c in commands] == [("lpush", "celery")]
@@ -124,7 +127,7 @@ def test_a_batch_is_one_round_trip_with_one_lpush() -> None:
 
 def test_commands_go_out_as_they_are_built_and_every_reply_is_read_before_publish_returns() -> None:
     client = FakeRedis()
-    messages = [m for i in range(200) for m in messages_for(event(i))]  # 400 messages: 4 LPUSH chunks
+    messages = [m for i in range(200) for m in messages_for(event(i), ROUTES)]  # 400 messages: 4 LPUSH chunks
     PipelinedPublisher(make_app(), client=client).publish(messages)  # type: ignore[arg-type]
     (connection,) = client.connections
     assert [c[0] for c in connection.commands] == ["lpush"] * 4 + ["publish"]  # sent events last
@@ -135,7 +138,7 @@ def test_commands_go_out_as_they_are_built_and_every_reply_is_read_before_publis
 def test_an_error_reply_is_broker_unavailable_and_drops_the_connection() -> None:
     client = FakeRedis()
     client.replies = [1, redis.exceptions.ResponseError("OOM command not allowed")]
-    messages = [m for i in range(100) for m in messages_for(event(i))]
+    messages = [m for i in range(100) for m in messages_for(event(i), ROUTES)]
     with pytest.raises(BrokerUnavailable, match="OOM"):
         PipelinedPublisher(make_app(), client=client).publish(messages)  # type: ignore[arg-type]
     (connection,) = client.connections
@@ -145,7 +148,7 @@ def test_an_error_reply_is_broker_unavailable_and_drops_the_connection() -> None
 def test_a_failure_half_way_drops_the_connection_and_propagates() -> None:
     client = FakeRedis()
     publisher = PipelinedPublisher(make_app(sent_events=False), client=client)  # type: ignore[arg-type]
-    messages = [m for i in range(100) for m in messages_for(event(i))]  # 200 messages: 2 chunks
+    messages = [m for i in range(100) for m in messages_for(event(i), ROUTES)]  # 200 messages: 2 chunks
     built = 0
 
     def summary(payload: dict[str, Any]) -> str:
@@ -164,7 +167,7 @@ def test_a_failure_half_way_drops_the_connection_and_propagates() -> None:
 
 def test_sent_events_go_grouped_in_the_same_round_trip() -> None:
     client = FakeRedis()
-    messages = messages_for(event(1))
+    messages = messages_for(event(1), ROUTES)
     PipelinedPublisher(make_app(), client=client).publish(messages)  # type: ignore[arg-type]
     (commands,) = client.round_trips
     published = [c for c in commands if c[0] == "publish"]
@@ -177,7 +180,7 @@ def test_sent_events_go_grouped_in_the_same_round_trip() -> None:
 
 def test_large_batches_are_split_into_lpush_chunks() -> None:
     client = FakeRedis()
-    payload = messages_for(event(1))[0].payload
+    payload = messages_for(event(1), ROUTES)[0].payload
     messages = [Message("tasks.create_profile", f"id-{i}", payload) for i in range(LPUSH_CHUNK + 5)]
     PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages)  # type: ignore[arg-type]
     (commands,) = client.round_trips
@@ -189,11 +192,11 @@ def test_an_unserializable_payload_is_rejected_not_raised() -> None:
     client = FakeRedis()
     bad = event(2)
     bad["fullDocument"]["pattern"] = re.compile("^x")  # not BSON
-    messages = messages_for(event(1)) + messages_for(bad)
+    messages = messages_for(event(1), ROUTES) + messages_for(bad, ROUTES)
     rejected = PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages)  # type: ignore[arg-type]
-    assert [r.message for r in rejected] == messages_for(bad)
+    assert [r.message for r in rejected] == messages_for(bad, ROUTES)
     assert "fullDocument.pattern" in rejected[0].error and rejected[0].traceback
-    assert len(client.round_trips[0][0]) - 2 == len(messages_for(event(1)))
+    assert len(client.round_trips[0][0]) - 2 == len(messages_for(event(1), ROUTES))
 
 
 def test_nothing_to_send_is_no_round_trip() -> None:
@@ -202,7 +205,7 @@ def test_nothing_to_send_is_no_round_trip() -> None:
     bad["fullDocument"]["pattern"] = re.compile("^x")  # not BSON
     publisher = PipelinedPublisher(make_app(), client=client)  # type: ignore[arg-type]
     assert publisher.publish([]) == []
-    assert len(publisher.publish(messages_for(bad))) == 2
+    assert len(publisher.publish(messages_for(bad, ROUTES))) == 2
     assert client.round_trips == []
 
 
@@ -210,12 +213,12 @@ def test_a_redis_error_is_broker_unavailable() -> None:
     client = FakeRedis()
     client.down = True
     with pytest.raises(BrokerUnavailable):
-        PipelinedPublisher(make_app(), client=client).publish(messages_for(event(1)))  # type: ignore[arg-type]
+        PipelinedPublisher(make_app(), client=client).publish(messages_for(event(1), ROUTES))  # type: ignore[arg-type]
 
 
 def test_summary_argsrepr_names_the_event_not_the_document() -> None:
     e = event(7)
-    summary = summary_argsrepr(messages_for(e)[0].payload)
+    summary = summary_argsrepr(messages_for(e, ROUTES)[0].payload)
     assert summary.startswith("[{'_id': {'_data': '82000007'}, 'operationType': 'insert', 'ns': ")
     assert "ObjectId(" in summary and summary.endswith(", ...}]")
     assert "email" not in summary
@@ -224,11 +227,13 @@ def test_summary_argsrepr_names_the_event_not_the_document() -> None:
 def test_the_fast_body_encoder_matches_the_registered_serializer() -> None:
     from kombu.serialization import dumps
 
-    import worker.app  # noqa: F401  (registers the BSON types)
+    from worker.serialization import register_bson_types
+
+    register_bson_types()
     from listener.pipelined import fast_json_matches, json_text
 
     assert fast_json_matches()
-    payloads = [messages_for(event(i, coll))[0].payload for i in range(20) for coll in ("users",)] + [
+    payloads = [messages_for(event(i, coll), ROUTES)[0].payload for i in range(20) for coll in ("users",)] + [
         {"k": Int64(2**40), "nested": [{"a": Decimal128("1E+3")}, ("t", b"\x80")], "u": uuid.uuid4()},
         {
             "when": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
@@ -250,7 +255,9 @@ def test_the_fast_body_encoder_matches_the_registered_serializer() -> None:
 
 
 def test_keys_the_fast_encoder_does_not_spell_go_to_the_serializer() -> None:
-    import worker.app  # noqa: F401  (registers the BSON types)
+    from worker.serialization import register_bson_types
+
+    register_bson_types()
     from listener.pipelined import _NotPlain, json_text
 
     with pytest.raises(_NotPlain):
@@ -258,7 +265,8 @@ def test_keys_the_fast_encoder_does_not_spell_go_to_the_serializer() -> None:
     client = FakeRedis()
     e = event(3)
     e["fullDocument"]["counts"] = {1: "one", None: "none"}
-    assert PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages_for(e)) == []  # type: ignore[arg-type]
+    publisher = PipelinedPublisher(make_app(sent_events=False), client=client)  # type: ignore[arg-type]
+    assert publisher.publish(messages_for(e, ROUTES)) == []
     (commands,) = client.round_trips
     body = json.loads(base64.b64decode(json.loads(commands[0][2])["body"]))
     assert body[0][0]["fullDocument"]["counts"] == {"1": "one", "null": "none"}
@@ -268,7 +276,8 @@ def test_types_the_fast_encoder_does_not_know_go_to_the_serializer() -> None:
     client = FakeRedis()
     bad = event(2)
     bad["fullDocument"]["script"] = complex(1, 2)  # refused by worker.serialization, with its path
-    rejected = PipelinedPublisher(make_app(sent_events=False), client=client).publish(messages_for(bad))  # type: ignore[arg-type]
+    publisher = PipelinedPublisher(make_app(sent_events=False), client=client)  # type: ignore[arg-type]
+    rejected = publisher.publish(messages_for(bad, ROUTES))
     assert len(rejected) == 2 and "fullDocument.script" in rejected[0].error
 
 
@@ -336,7 +345,7 @@ def test_a_batch_takes_consecutive_lamport_clock_values() -> None:
     app = make_app()
     before = app.clock.forward()
     assert reserve_clock(app.clock, 1) == before + 1 and app.clock.value == before + 1
-    messages = [m for i in range(3) for m in messages_for(event(i))]  # 6 messages
+    messages = [m for i in range(3) for m in messages_for(event(i), ROUTES)]  # 6 messages
     PipelinedPublisher(app, client=client).publish(messages)  # type: ignore[arg-type]
     (commands,) = client.round_trips
     sent = json.loads(base64.b64decode(json.loads(commands[-1][2])["body"]))
@@ -350,5 +359,5 @@ def test_a_broker_it_cannot_use_is_named_without_its_password() -> None:
     app.conf.update({**celery_config(Settings()), "broker_url": "amqp://changeflow:s3cret-pw@rabbit:5672//"})
     publisher = PipelinedPublisher(app, client=FakeRedis())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"needs a Redis broker .*, got scheme 'amqp'") as refused:
-        publisher.publish(messages_for(event(1)))
+        publisher.publish(messages_for(event(1), ROUTES))
     assert "s3cret-pw" not in str(refused.value)

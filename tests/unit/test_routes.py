@@ -7,7 +7,12 @@ from typing import Any
 import mongomock
 import pytest
 
-from listener.routes import ROUTES, FieldChanged, Route, compile_match, tasks_for
+from listener.routes import FieldChanged, Route, compile_match, tasks_for
+from worker import app as repo_app
+
+# This repository's app (tasks/, declared with @app.on): the card's routes. Their order follows the
+# modules' discovery order, so the card's assertions below compare sets of tasks.
+ROUTES = repo_app.routes
 
 
 def event(coll: str, op: str, **fields: Any) -> dict[str, Any]:
@@ -19,22 +24,18 @@ def update(coll: str, updated: dict[str, Any], removed: list[str] | None = None)
     return event(coll, "update", documentKey={"_id": 1}, updateDescription=description)
 
 
-def test_user_insert_sends_welcome_email_then_creates_profile() -> None:
-    assert tasks_for(event("users", "insert", fullDocument={"_id": 1})) == [
-        "tasks.send_welcome_email",
-        "tasks.create_profile",
-    ]
+def test_user_insert_sends_welcome_email_and_creates_profile() -> None:
+    names = tasks_for(event("users", "insert", fullDocument={"_id": 1}), ROUTES)
+    assert sorted(names) == ["tasks.create_profile", "tasks.send_welcome_email"]
 
 
 def test_order_insert_updates_analytics() -> None:
-    assert tasks_for(event("orders", "insert", fullDocument={"_id": 1})) == ["tasks.update_analytics"]
+    assert tasks_for(event("orders", "insert", fullDocument={"_id": 1}), ROUTES) == ["tasks.update_analytics"]
 
 
 def test_order_status_change_notifies_and_updates_analytics() -> None:
-    assert tasks_for(update("orders", {"status": "shipped"})) == [
-        "tasks.send_shipping_notification",
-        "tasks.update_analytics",
-    ]
+    names = tasks_for(update("orders", {"status": "shipped"}), ROUTES)
+    assert sorted(names) == ["tasks.send_shipping_notification", "tasks.update_analytics"]
 
 
 @pytest.mark.parametrize(
@@ -51,7 +52,7 @@ def test_order_status_change_notifies_and_updates_analytics() -> None:
     ],
 )
 def test_unrouted_changes_trigger_nothing(change: dict[str, Any]) -> None:
-    assert tasks_for(change) == []
+    assert tasks_for(change, ROUTES) == []
 
 
 def test_tasks_keep_route_order_and_appear_once() -> None:
@@ -99,17 +100,31 @@ def test_field_changed_takes_a_top_level_field(field: str) -> None:
         FieldChanged(field)
 
 
-def test_default_match_is_one_clause_per_route() -> None:
-    assert compile_match(ROUTES) == {
+def test_match_is_one_clause_per_route() -> None:
+    status_changed = {
+        "ns.coll": "orders",
+        "operationType": {"$in": ["update"]},
+        "updateDescription.updatedFields.status": {"$exists": True},
+    }
+    routes = [
+        Route("users", ["insert"], ["tasks.a", "tasks.b"]),
+        Route("orders", ["insert"], ["tasks.c"]),
+        Route("orders", ["update"], ["tasks.d"], when=FieldChanged("status")),
+    ]
+    assert compile_match(routes) == {
         "$or": [
             {"ns.coll": "users", "operationType": {"$in": ["insert"]}},
             {"ns.coll": "orders", "operationType": {"$in": ["insert"]}},
-            {
-                "ns.coll": "orders",
-                "operationType": {"$in": ["update"]},
-                "updateDescription.updatedFields.status": {"$exists": True},
-            },
+            status_changed,
         ]
+    }
+    # The repository's app: the card's three kinds of event, one clause per declared route.
+    clauses = compile_match(ROUTES)["$or"]
+    assert len(clauses) == len(ROUTES) == 5
+    assert {repr(c) for c in clauses} == {
+        repr({"ns.coll": "users", "operationType": {"$in": ["insert"]}}),
+        repr({"ns.coll": "orders", "operationType": {"$in": ["insert"]}}),
+        repr(status_changed),
     }
 
 
