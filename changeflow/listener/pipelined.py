@@ -126,20 +126,18 @@ _SUMMARY_LABELS = [(key, f"{key!r}: ") for key in SUMMARY_FIELDS]
 class PipelinedPublisher:
     """Publishes a batch of task messages in one pipelined Redis round trip (see the module doc).
 
-    `app` (default: this repository's app) gives the broker URL, the task serializer, the default
+    `app` (the changeflow app the listener loaded) gives the broker URL, the task serializer, the default
     queue, and whether task-sent events are on. `client` replaces the Redis client made from the broker URL.
     """
 
     def __init__(
         self,
-        app: Celery | None = None,
+        app: Celery,
         *,
         client: redis.Redis | None = None,
         exact_argsrepr: bool = False,
         delivery_tag: Callable[[], str] | None = None,
     ) -> None:
-        if app is None:
-            from worker import app  # this checkout's app (tasks/app.py): looked up only when needed
         self.app = app
         self.exact_argsrepr = exact_argsrepr
         self._delivery_tag = delivery_tag or delivery_tags()

@@ -4,8 +4,8 @@
         tasks.email.send_welcome_email.apply(args=[event], task_id=key)
 
 Settings come from the environment (changeflow.worker.settings.get_settings), so this sets the variables,
-clears get_settings' cache and reconfigures this repository's app (`worker.app`, tasks/app.py);
-on exit it restores all three.
+clears get_settings' cache and reconfigures the app (`app=`; default: this checkout's `worker.app`,
+tasks/app.py, importable only from the checkout); on exit it restores all three.
 """
 
 from __future__ import annotations
@@ -13,14 +13,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from changeflow.worker.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from changeflow.app import Changeflow
+
 
 @contextmanager
-def configured(**env: str) -> Iterator[Settings]:
-    from worker import app
-
+def configured(*, app: Changeflow | None = None, **env: str) -> Iterator[Settings]:
+    if app is None:
+        from worker import app  # this checkout's app: tests of this repository
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     get_settings.cache_clear()
