@@ -45,18 +45,19 @@ IMPORT_ALL = """
 """
 
 
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python args...`, which must succeed."""
+    completed = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
 def build(tmp_path: Path) -> Path:
     source, lib = tmp_path / "checkout", tmp_path / "lib"
     shutil.copytree(REPO_ROOT, source, ignore=IGNORED)
-    completed = subprocess.run(
-        [sys.executable, "-c", "from setuptools import setup; setup()", "-q", "build_py", "--build-lib", lib],
-        cwd=source,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run(["-c", "from setuptools import setup; setup()", "-q", "build_py", "--build-lib", str(lib)], source)
     return lib
 
 
@@ -86,16 +87,7 @@ def test_a_team_with_modules_named_tasks_worker_listener_keeps_them(tmp_path: Pa
     for name in ("tasks", "worker", "listener"):
         (team / f"{name}.py").write_text(f"WHO = 'the team\\'s {name}'\n")
     env = {**os.environ, "PYTHONPATH": str(lib)}
-    completed = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(IMPORT_ALL)],
-        cwd=team,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = run(["-c", textwrap.dedent(IMPORT_ALL)], team, env)
     report = json.loads(completed.stdout)
     assert "changeflow.listener.stream" in report["imported"]
     assert "changeflow.testing.mongo_double.server" in report["imported"]
@@ -110,14 +102,6 @@ def test_a_team_with_modules_named_tasks_worker_listener_keeps_them(tmp_path: Pa
 
 def test_the_test_server_runs_from_the_built_package(tmp_path: Path) -> None:
     lib = build(tmp_path)
-    completed = subprocess.run(
-        [sys.executable, "-m", "changeflow.testing.mongo_double", "--help"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(lib)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(lib)}
+    completed = run(["-m", "changeflow.testing.mongo_double", "--help"], tmp_path, env)
     assert "MongoDB wire-protocol test server" in completed.stdout
