@@ -22,11 +22,11 @@ import redis
 from bson import Decimal128, Int64, ObjectId, Timestamp
 from pymongo.database import Database
 
-from listener.checkpoints import CheckpointStore
-from listener.publish import Publisher
-from listener.stream import Listener
+from changeflow.listener.checkpoints import CheckpointStore
+from changeflow.listener.publish import Publisher
+from changeflow.listener.stream import Listener
+from changeflow.worker.settings import Settings
 from worker import app as repo_app
-from worker.settings import Settings
 
 ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
@@ -146,10 +146,10 @@ class _IteratorDatabase:
 def run_listener_core(
     events: Iterable[Mapping[str, Any]], publisher: Publisher, checkpoint_db: Database
 ) -> Listener:
-    """changeflow's `Listener` (listener/stream.py) over `events`: routing, payload, dedup keys, a
+    """changeflow's `Listener` (changeflow/listener/stream.py) over `events`: routing, payload, dedup keys, a
     publish per batch of BATCH_SIZE events, and checkpoints as the listener saves them by default (into
     `checkpoint_db`, a real CheckpointStore). Returns the listener once it has delivered every event,
-    for its stats; `listener.checkpoints.saves` counts the checkpoint writes."""
+    for its stats; `changeflow.listener.checkpoints.saves` counts the checkpoint writes."""
     db = _IteratorDatabase(checkpoint_db.name, events)
     checkpoints = CountingCheckpointStore(checkpoint_db)
     # A first start every time: runs over the same events would otherwise find their last position

@@ -4,8 +4,8 @@ Not a test. Usage: python -m bench.listener_throughput [--sizes 1000,10000,10000
        [--repeat 3]
 
 For each size, with the same pre-built, real-shaped events (bench.common.change_events):
-  (a)  changeflow's listener core: the real `Listener` loop (listener/stream.py) driven by an iterator
-       instead of a change stream, publishing through `PipelinedPublisher` (one round trip per
+  (a)  changeflow's listener core: the real `Listener` loop (changeflow/listener/stream.py) driven by an
+       iterator instead of a change stream, publishing through `PipelinedPublisher` (one round trip per
        500-event batch) and saving checkpoints into the MongoDB test server as it does by default (a
        real CheckpointStore; at most one write per LISTENER_CHECKPOINT_INTERVAL_MS, and one on stop);
   (a0) the same loop with `CeleryPublisher` (send_task per message, shared producer): the old default;
@@ -34,15 +34,15 @@ from celery import Celery
 from pymongo.database import Database
 
 from bench.common import BATCH_SIZE, STREAM, Timer, change_events, machine, median, run_listener_core
+from changeflow.listener.checkpoints import CheckpointStore
+from changeflow.listener.pipelined import PipelinedPublisher
+from changeflow.listener.publish import CeleryPublisher, messages_for
+from changeflow.listener.stream import Listener
+from changeflow.worker.app import celery_config
+from changeflow.worker.settings import Settings
 from harness.processes import mongo_double_process, mongo_double_uri
 from harness.redis_server import RedisServer
-from listener.checkpoints import CheckpointStore
-from listener.pipelined import PipelinedPublisher
-from listener.publish import CeleryPublisher, messages_for
-from listener.stream import Listener
 from worker import app as repo_app
-from worker.app import celery_config
-from worker.settings import Settings
 
 ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 

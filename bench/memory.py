@@ -23,7 +23,7 @@ import redis
 
 from bench.common import change_events, machine, run_listener_core
 from bench.listener_throughput import make_app, servers
-from listener.pipelined import PipelinedPublisher
+from changeflow.listener.pipelined import PipelinedPublisher
 
 
 def child(size: int, redis_url: str, mongo_uri: str) -> None:

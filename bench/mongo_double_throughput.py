@@ -2,8 +2,8 @@
 delivered to one concurrent watch().
 
 Not a test. Usage: python bench/mongo_double_throughput.py [--count 10000] [--uri URI]
-Without --uri it starts `python -m mongo_double --port 0` as a subprocess (its own process, so the
-server and this client do not share a GIL, as in the real setup).
+Without --uri it starts `python -m changeflow.testing.mongo_double --port 0` as a subprocess (its own
+process, so the server and this client do not share a GIL, as in the real setup).
 """
 
 from __future__ import annotations

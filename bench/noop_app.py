@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from changeflow.worker.idempotent import IdempotentTask
 from worker import app
-from worker.idempotent import IdempotentTask
 
 __all__ = ["app", "noop"]
 

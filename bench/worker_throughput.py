@@ -19,13 +19,13 @@ import redis
 from celery import Celery
 
 from bench.common import Timer, change_events, machine
+from changeflow.listener.pipelined import PipelinedPublisher
+from changeflow.listener.publish import Message
+from changeflow.worker.app import celery_config
+from changeflow.worker.keys import dedup_key
+from changeflow.worker.settings import Settings
 from harness.processes import python_module
 from harness.redis_server import RedisServer
-from listener.pipelined import PipelinedPublisher
-from listener.publish import Message
-from worker.app import celery_config
-from worker.keys import dedup_key
-from worker.settings import Settings
 
 TASK = "tasks.noop"
 

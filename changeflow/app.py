@@ -7,7 +7,7 @@
 
     app.route("orders", "delete", "billing.refund")   # a route to a task declared elsewhere
 
-Settings are read when an app is created (worker.settings.get_settings, or `settings=`), never when
+Settings are read when an app is created (changeflow.worker.settings.get_settings, or `settings=`), never when
 this module is imported. The modules of the package the app is created in are imported when the app
 is loaded (`discover()`: the worker through Celery's loader, the listener and the operator commands
 through `load_app`), so every `@app.on` in the package registers without a list of task modules.
@@ -24,9 +24,9 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_init
 
-from listener.routes import FieldChanged, Route
-from worker.idempotent import IdempotentTask
-from worker.settings import Settings, SettingsError, default_app_spec, get_settings
+from changeflow.listener.routes import FieldChanged, Route
+from changeflow.worker.idempotent import IdempotentTask
+from changeflow.worker.settings import Settings, SettingsError, default_app_spec, get_settings
 
 __all__ = ["AppError", "Changeflow", "load_app"]
 
@@ -63,11 +63,11 @@ class Changeflow(Celery):
 
     def configure(self, settings: Settings | None = None) -> Settings:
         """(Re)apply `settings` (default: the environment's) and drop clients made with older ones."""
-        from worker import broker
-        from worker.app import celery_config
-        from worker.dedup import reset_dedup_store
-        from worker.mongo import reset_db
-        from worker.serialization import register_bson_types
+        from changeflow.worker import broker
+        from changeflow.worker.app import celery_config
+        from changeflow.worker.dedup import reset_dedup_store
+        from changeflow.worker.mongo import reset_db
+        from changeflow.worker.serialization import register_bson_types
 
         settings = settings if settings is not None else get_settings()
         register_bson_types()

@@ -28,8 +28,8 @@ USAGE = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from listener.__main__ import main as listener_main
-    from listener.__main__ import pop_app_option
+    from changeflow.listener.__main__ import main as listener_main
+    from changeflow.listener.__main__ import pop_app_option
 
     try:
         app_spec, rest = pop_app_option(argv)

@@ -20,6 +20,7 @@ import pymongo
 import redis
 from pymongo.database import Database
 
+from changeflow.worker.redis_conn import parse_redis_url
 from harness.processes import (
     ManagedProcess,
     flower_process,
@@ -32,7 +33,6 @@ from harness.redis_sentinel import RedisSentinelGroup
 from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
 from harness.tls import make_certificates
-from worker.redis_conn import parse_redis_url
 
 
 class LocalPipeline:

@@ -137,7 +137,11 @@ def python_module(name: str, module: str, *args: str, **kwargs: object) -> Manag
 def mongo_double_process(*, log_dir: Path | None = None, oplog_size: int | None = None) -> ManagedProcess:
     args = ["--port", "0"] + (["--oplog-size", str(oplog_size)] if oplog_size else [])
     return python_module(
-        "mongo_double", "mongo_double", *args, ready=r"ready (mongodb://\S+)", log_dir=log_dir
+        "mongo_double",
+        "changeflow.testing.mongo_double",
+        *args,
+        ready=r"ready (mongodb://\S+)",
+        log_dir=log_dir,
     )
 
 

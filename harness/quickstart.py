@@ -20,10 +20,10 @@ from types import FrameType
 
 from bson import ObjectId
 
+from changeflow.worker.settings import mask_url
 from harness.effects import compare, observe
 from harness.pipeline import LocalPipeline, wait_until
 from harness.workload import apply, plan
-from worker.settings import mask_url
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,9 @@ from types import TracebackType
 
 import redis
 
+from changeflow.worker.redis_conn import parse_redis_url
 from harness.ports import free_port
 from harness.tls import TlsFiles
-from worker.redis_conn import parse_redis_url
 
 
 class RedisServer:

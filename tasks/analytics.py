@@ -17,10 +17,10 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from changeflow import FieldChanged
+from changeflow.worker.errors import Skip
+from changeflow.worker.idempotent import current_key
+from changeflow.worker.mongo import get_db
 from tasks.app import app
-from worker.errors import Skip
-from worker.idempotent import current_key
-from worker.mongo import get_db
 
 
 class Bucket(NamedTuple):

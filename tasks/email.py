@@ -29,11 +29,11 @@ import idna
 from bson import Decimal128
 
 from changeflow import FieldChanged
+from changeflow.worker.errors import PermanentTaskError, Skip, TransientTaskError
+from changeflow.worker.idempotent import current_key
+from changeflow.worker.mongo import get_db
+from changeflow.worker.settings import get_settings
 from tasks.app import app
-from worker.errors import PermanentTaskError, Skip, TransientTaskError
-from worker.idempotent import current_key
-from worker.mongo import get_db
-from worker.settings import get_settings
 
 NOTIFIED_STATUSES = frozenset({"shipped", "delivered"})
 SMTP_TIMEOUT_SECONDS = 20

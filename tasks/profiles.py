@@ -9,8 +9,8 @@ from typing import Any
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
+from changeflow.worker.mongo import get_db
 from tasks.app import app
-from worker.mongo import get_db
 
 DEFAULT_SETTINGS: dict[str, Any] = {"email_notifications": True, "language": "en", "timezone": "UTC"}
 

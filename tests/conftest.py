@@ -32,7 +32,7 @@ def mongodb_uri() -> Iterator[str]:
     if uri:
         yield uri
         return
-    from mongo_double import MongoDouble
+    from changeflow.testing.mongo_double import MongoDouble
 
     with MongoDouble(port=0) as server:
         yield server.uri

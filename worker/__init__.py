@@ -1,24 +1,25 @@
-"""changeflow's worker side: the dedup guard, Celery configuration, and the contract the listener shares.
+"""This deployment's workers: `celery -A worker worker` runs this repository's app, tasks/app.py.
 
-`celery -A worker worker` (and `python -m listener` without -A) run this repository's own app,
-tasks/app.py, found here as `worker.app`. It is looked up on first use, not at import: importing
-`worker` (as changeflow itself does) must not create an app or read the environment.
+`worker.app` is looked up on first use, not at import: importing `worker` creates no app and reads no
+environment. The worker side itself is `changeflow.worker` (installed with changeflow); this folder
+and tasks/ beside it are the checkout's, not installed.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
-# The submodule worker/app.py (Celery configuration) is loaded now and its name unbound, so that
-# `worker.app` always means the app below: Python binds a submodule to its package's attribute only
-# when it first loads it.
-import worker.app  # noqa: F401
-
-del app  # noqa: F821  (bound by the import above)
+# The checkout's root, where tasks/ lives beside this folder. `celery -A worker` puts the working
+# directory on sys.path only while it imports this module, not while it looks up `app` in it.
+CHECKOUT = str(Path(__file__).resolve().parent.parent)
 
 
 def __getattr__(name: str) -> Any:
     if name == "app":  # what `celery -A worker` looks up
+        if CHECKOUT not in sys.path:
+            sys.path.insert(0, CHECKOUT)
         from tasks.app import app
 
         app.discover()  # its modules declare the tasks and routes (cheap once imported)

@@ -27,11 +27,11 @@ from bson.min_key import MinKey
 from bson.regex import Regex
 from celery import Celery
 
+from changeflow.worker.app import celery_config
+from changeflow.worker.keys import dedup_key
+from changeflow.worker.settings import Settings
 from harness.effects import observe
 from harness.pipeline import LocalPipeline, wait_until
-from worker.app import celery_config
-from worker.keys import dedup_key
-from worker.settings import Settings
 
 pytestmark = pytest.mark.e2e
 

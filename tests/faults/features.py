@@ -27,7 +27,7 @@ def listener_help() -> str:
 
 
 def _module_exists(name: str) -> bool:
-    return (REPO_ROOT / "listener" / f"{name}.py").exists()
+    return (REPO_ROOT / "changeflow" / "listener" / f"{name}.py").exists()
 
 
 def missing_feature(number: int) -> str | None:
@@ -38,7 +38,7 @@ def missing_feature(number: int) -> str | None:
             "(exit code EXIT_HISTORY_LOST plus a record in changeflow_gaps) is not in the listener CLI"
         )
     if number == 6:
-        stream = (REPO_ROOT / "listener" / "stream.py").read_text()
+        stream = (REPO_ROOT / "changeflow" / "listener" / "stream.py").read_text()
         if not _module_exists("lease") or "standby" not in stream:
             return (
                 "listener failover: a lease with a fencing token (standby listeners) is not in the listener"

@@ -34,11 +34,11 @@ import redis
 from bson import ObjectId
 from bson.regex import Regex
 
+from changeflow.listener.exit_codes import EXIT_HISTORY_LOST
 from harness.effects import Effects, observe
 from harness.pipeline import LocalPipeline
 from harness.processes import python_module
 from harness.workload import Workload, plan
-from listener.exit_codes import EXIT_HISTORY_LOST
 from tests.faults.expect import Expected, compare
 from tests.faults.features import missing_feature
 from tests.faults.knobs import DELAY_ENV, FAULT_WORKER, FLAG_ENV, WINDOW_LOG

@@ -13,9 +13,9 @@ from typing import Any
 
 from celery import Task
 
+from changeflow.worker.mongo import get_db
 from tests.integration.large_event_summary import SEEN, summary
 from worker import app  # this repository's app, its modules discovered
-from worker.mongo import get_db
 
 
 def _recording(task: Task) -> None:

@@ -15,10 +15,10 @@ import redis
 from celery import Celery
 from pymongo.database import Database
 
+from changeflow.listener.backpressure import BrokerQueueLength
+from changeflow.listener.exit_codes import EXIT_OK
+from changeflow.listener.health import check
 from harness.redis_server import RedisServer
-from listener.backpressure import BrokerQueueLength
-from listener.exit_codes import EXIT_OK
-from listener.health import check
 from tests.integration.test_listener import celery_app, decode, wait_for  # noqa: F401 (fixture)
 from tests.integration.test_listener_cli import Process, env, processes  # noqa: F401 (fixtures)
 

@@ -8,8 +8,9 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
+from changeflow.worker import broker
 from harness.redis_server import RedisServer
-from worker import app, broker
+from worker import app
 
 
 @pytest.fixture

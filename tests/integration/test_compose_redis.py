@@ -24,11 +24,11 @@ from celery import Celery
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from changeflow.worker.app import celery_config
+from changeflow.worker.settings import Settings
 from harness.ports import free_port
 from harness.processes import flower_process, worker_process
 from tests.unit.test_compose import FLOWER, PASSWORD, configured
-from worker.app import celery_config
-from worker.settings import Settings
 
 
 def local(url: str, port: int) -> str:

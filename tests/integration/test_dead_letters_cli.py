@@ -1,9 +1,10 @@
 """`python -m listener dead-letters list|show|replay|purge` against the MongoDB test server and a private
 redis-server.
 
-Most tests call `listener.dead_letters.main()` in-process under `worker.testing.configured(...)`; a few
-run `python -m listener dead-letters` as a process (the dispatch in listener/__main__.py, --help without
-settings). Replayed tasks are read back from the Redis list `celery` and decoded as a worker would.
+Most tests call `changeflow.listener.dead_letters.main()` in-process under
+`changeflow.worker.testing.configured(...)`; a few run `python -m listener dead-letters` as a process
+(the dispatch in changeflow/listener/__main__.py, --help without settings). Replayed tasks are read
+back from the Redis list `celery` and decoded as a worker would.
 The last test replays through a real listener, worker and SMTP sink (harness.pipeline.LocalPipeline).
 """
 
@@ -23,13 +24,13 @@ from bson import ObjectId, Timestamp, json_util
 from bson.regex import Regex
 from pymongo.database import Database
 
+from changeflow.listener.dead_letters import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, main
+from changeflow.worker.dead_letters import COLLECTION, record_dead_letter
+from changeflow.worker.keys import dedup_key
+from changeflow.worker.testing import configured
 from harness.pipeline import LocalPipeline, wait_until
 from harness.redis_server import RedisServer
-from listener.dead_letters import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from tests.integration.test_listener import Queue
-from worker.dead_letters import COLLECTION, record_dead_letter
-from worker.keys import dedup_key
-from worker.testing import configured
 
 ROOT = Path(__file__).resolve().parents[2]
 WELCOME = "tasks.send_welcome_email"
@@ -108,7 +109,7 @@ def cli(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> Callable[...
 
 
 def run_process(env: Mapping[str, str], *argv: str) -> Result:
-    """`python -m listener dead-letters ...` as a process (through listener/__main__.py)."""
+    """`python -m listener dead-letters ...` as a process (through changeflow/listener/__main__.py)."""
     completed = subprocess.run(
         [sys.executable, "-m", "listener", "dead-letters", *argv],
         cwd=ROOT,

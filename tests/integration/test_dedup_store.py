@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from changeflow.worker.dedup import Claim, DedupStore
 from harness.redis_server import RedisServer
-from worker.dedup import Claim, DedupStore
 
 
 @pytest.fixture

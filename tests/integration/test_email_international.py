@@ -11,14 +11,14 @@ import pytest
 from bson import ObjectId
 from pymongo.database import Database
 
+from changeflow.worker.dedup import get_dedup_store
+from changeflow.worker.keys import dedup_key
+from changeflow.worker.settings import Settings
+from changeflow.worker.testing import configured
 from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
 from tasks.email import send_shipping_notification, send_welcome_email
 from tests.integration.test_tasks import order_update, run, servers, user_insert
-from worker.dedup import get_dedup_store
-from worker.keys import dedup_key
-from worker.settings import Settings
-from worker.testing import configured
 
 RLO, LRI, PDI = "\u202e", "\u2066", "\u2069"
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
+from changeflow.listener.fragments import SPLIT_STAGE
+from changeflow.listener.routes import compile_match
 from harness.pipeline import LocalPipeline, wait_until
-from listener.fragments import SPLIT_STAGE
-from listener.routes import compile_match
 from tests.integration.large_event_summary import SEEN, digest
 from worker import app as repo_app
 

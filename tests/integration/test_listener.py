@@ -26,17 +26,17 @@ from celery import Celery
 from kombu.serialization import loads
 from pymongo.database import Database
 
+from changeflow.listener.backoff import Backoff
+from changeflow.listener.checkpoints import CheckpointStore
+from changeflow.listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK
+from changeflow.listener.payload import PAYLOAD_FIELDS
+from changeflow.listener.publish import CeleryPublisher
+from changeflow.listener.stream import Listener
+from changeflow.worker.app import celery_config
+from changeflow.worker.keys import dedup_key
+from changeflow.worker.settings import Settings
 from harness.redis_server import RedisServer
-from listener.backoff import Backoff
-from listener.checkpoints import CheckpointStore
-from listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK
-from listener.payload import PAYLOAD_FIELDS
-from listener.publish import CeleryPublisher
-from listener.stream import Listener
 from worker import app as repo_app
-from worker.app import celery_config
-from worker.keys import dedup_key
-from worker.settings import Settings
 
 ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 

@@ -15,9 +15,9 @@ import pymongo
 import pytest
 from pymongo.database import Database
 
+from changeflow.listener.checkpoints import CheckpointStore
+from changeflow.listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
 from harness.redis_server import RedisServer
-from listener.checkpoints import CheckpointStore
-from listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
 from tests.integration.test_listener import Queue, at_or_after, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,7 +140,7 @@ def test_checkpoint_older_than_the_oplog_exits_3(
 ) -> None:
     if real_mongodb:
         pytest.skip("needs a MongoDB test server with a tiny oplog")
-    from mongo_double import MongoDouble
+    from changeflow.testing.mongo_double import MongoDouble
 
     with MongoDouble(port=0, oplog_size=5) as server:
         client: pymongo.MongoClient = pymongo.MongoClient(server.uri)

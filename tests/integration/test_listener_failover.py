@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from pymongo.database import Database
 
+from changeflow.listener.checkpoints import CheckpointStore, FencedOut
+from changeflow.listener.exit_codes import EXIT_OK
+from changeflow.listener.lease import COLLECTION as LEASES
+from changeflow.listener.lease import Lease, LeaseLost
 from harness.redis_server import RedisServer
-from listener.checkpoints import CheckpointStore, FencedOut
-from listener.exit_codes import EXIT_OK
-from listener.lease import COLLECTION as LEASES
-from listener.lease import Lease, LeaseLost
 from tests.integration import test_listener_cli as cli
 from tests.integration.test_listener import Queue, wait_for
 from tests.integration.test_listener_cli import STREAM, Process

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from listener.exit_codes import EXIT_OK
+from changeflow.listener.exit_codes import EXIT_OK
 from tests.integration import test_listener_cli as cli
 from tests.integration.test_listener import wait_for
 from tests.integration.test_listener_cli import ROOT, Process

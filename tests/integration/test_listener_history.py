@@ -12,14 +12,14 @@ import pymongo
 import pytest
 from bson import ObjectId
 
+from changeflow.listener.checkpoints import CheckpointStore
+from changeflow.listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK
+from changeflow.listener.gaps import COLLECTION as GAPS
+from changeflow.worker.keys import dedup_key
 from harness.redis_server import RedisServer
-from listener.checkpoints import CheckpointStore
-from listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK
-from listener.gaps import COLLECTION as GAPS
 from tests.integration import test_listener_cli as cli
 from tests.integration.test_listener import Queue, wait_for
 from tests.integration.test_listener_cli import ROOT, STREAM, Process
-from worker.keys import dedup_key
 
 env = cli.env  # fixtures shared with the CLI tests
 processes = cli.processes
@@ -34,7 +34,7 @@ def tiny_oplog(
     """A MongoDB test server that keeps 30 change events: easy to roll past a checkpoint."""
     if real_mongodb:
         pytest.skip("needs a MongoDB test server with a tiny oplog")
-    from mongo_double import MongoDouble
+    from changeflow.testing.mongo_double import MongoDouble
 
     with MongoDouble(port=0, oplog_size=30) as server:
         client: pymongo.MongoClient = pymongo.MongoClient(server.uri)

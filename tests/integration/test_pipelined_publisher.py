@@ -25,14 +25,14 @@ from celery import Celery
 from kombu.serialization import loads
 from pymongo.database import Database
 
+from changeflow.listener.pipelined import PipelinedPublisher
+from changeflow.listener.publish import BrokerUnavailable, messages_for
+from changeflow.worker.app import celery_config
+from changeflow.worker.settings import Settings
 from harness.processes import worker_process
 from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
-from listener.pipelined import PipelinedPublisher
-from listener.publish import BrokerUnavailable, messages_for
 from worker import app as repo_app
-from worker.app import celery_config
-from worker.settings import Settings
 
 ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 

@@ -1,6 +1,6 @@
 """Redis Sentinel for all three of changeflow's Redis users: a master, a replica and 3 sentinels.
 
-The broker (kombu's Sentinel transport through worker.broker, as the workers connect), the dedup
+The broker (kombu's Sentinel transport through changeflow.worker.broker, as the workers connect), the dedup
 store and the listener's pipelined publisher reach the master the sentinels name, follow a failover to
 the new one, and the publisher counts a batch as published only once a replica has it (WAIT).
 """
@@ -16,13 +16,13 @@ import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
+from changeflow.listener.pipelined import PipelinedPublisher
+from changeflow.listener.publish import BrokerUnavailable, Message
+from changeflow.worker import broker
+from changeflow.worker.app import celery_config
+from changeflow.worker.dedup import DedupStore
+from changeflow.worker.settings import Settings
 from harness.redis_sentinel import RedisSentinelGroup
-from listener.pipelined import PipelinedPublisher
-from listener.publish import BrokerUnavailable, Message
-from worker import broker
-from worker.app import celery_config
-from worker.dedup import DedupStore
-from worker.settings import Settings
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ def test_all_three_reach_the_master_the_sentinels_name(
     queue = Queue("sentinel-test", Exchange("sentinel-test"), routing_key="sentinel-test")
     with app.connection_for_write() as connection:
         assert isinstance(connection.transport, broker.SentinelTransport)
-        # One synchronous client per channel, as on the plain Redis transport (worker/broker.py).
+        # One synchronous client per channel, as on the plain Redis transport (changeflow/worker/broker.py).
         channel = connection.default_channel
         built: list[redis.Redis] = []
         original = channel._create_client

@@ -18,14 +18,14 @@ import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
+from changeflow.listener.pipelined import PipelinedPublisher
+from changeflow.listener.publish import BrokerUnavailable, Message
+from changeflow.worker import broker
+from changeflow.worker.app import celery_config
+from changeflow.worker.dedup import DedupStore
+from changeflow.worker.settings import Settings
 from harness.redis_server import RedisServer
 from harness.tls import TlsFiles, make_certificates
-from listener.pipelined import PipelinedPublisher
-from listener.publish import BrokerUnavailable, Message
-from worker import broker
-from worker.app import celery_config
-from worker.dedup import DedupStore
-from worker.settings import Settings
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from changeflow.listener.exit_codes import EXIT_USAGE
 from harness.redis_server import RedisServer
-from listener.exit_codes import EXIT_USAGE
 from tests.integration.test_listener_cli import ROOT, Process, env, processes  # noqa: F401 (fixtures)
 
 SECRET = "hunter2-secret"

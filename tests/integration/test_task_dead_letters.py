@@ -8,7 +8,7 @@ import pytest
 from bson.regex import Regex
 from pymongo.database import Database
 
-from worker.dead_letters import COLLECTION, record_dead_letter
+from changeflow.worker.dead_letters import COLLECTION, record_dead_letter
 
 PAYLOAD = {"_id": {"_data": "82AB"}, "operationType": "insert", "fullDocument": {"_id": 1, "re": Regex("^a")}}
 

@@ -16,16 +16,16 @@ from celery._state import _task_stack
 from celery.exceptions import Reject, Retry, TimeLimitExceeded
 from pymongo.database import Database
 
+from changeflow.worker.dedup import Claim, get_dedup_store
+from changeflow.worker.keys import dedup_key
+from changeflow.worker.mongo import get_db
+from changeflow.worker.settings import Settings
+from changeflow.worker.testing import configured
 from harness.ports import free_port
 from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
 from tasks.analytics import update_analytics
 from tasks.email import send_welcome_email
-from worker.dedup import Claim, get_dedup_store
-from worker.keys import dedup_key
-from worker.mongo import get_db
-from worker.settings import Settings
-from worker.testing import configured
 
 from .test_tasks import servers, user_insert
 
@@ -50,7 +50,7 @@ def welcome_event() -> tuple[dict[str, Any], str]:
 def test_a_held_lease_makes_another_delivery_retry_later(
     worker: Settings, smtp: SmtpSink, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="worker.idempotent")
+    caplog.set_level(logging.INFO, logger="changeflow.worker.idempotent")
     event, key = welcome_event()
     store = get_dedup_store()
     assert store.claim(key, "another-worker") is Claim.ACQUIRED  # a delivery of the same event is running
@@ -211,9 +211,9 @@ def test_a_tasks_own_max_retries_ends_in_a_dead_letter_too(
     redis_server: RedisServer, db: Database, mongodb_uri: str, smtp: SmtpSink
 ) -> None:
     """`@app.on(..., max_retries=N)` (a task option passed to Celery) is the guard's limit for that task."""
+    from changeflow.worker.errors import TransientTaskError
+    from changeflow.worker.idempotent import IdempotentTask
     from worker import app
-    from worker.errors import TransientTaskError
-    from worker.idempotent import IdempotentTask
 
     name = "tests.always_transient"
     if name not in app.tasks:

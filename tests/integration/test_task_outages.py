@@ -25,6 +25,12 @@ from bson import ObjectId
 from celery.exceptions import Retry, TimeLimitExceeded
 from pymongo.database import Database
 
+from changeflow.worker.dead_letters import COLLECTION
+from changeflow.worker.dedup import DedupStore
+from changeflow.worker.errors import is_transient
+from changeflow.worker.idempotent import EFFECT_DONE_HEADER, FIRST_ATTEMPT_HEADER
+from changeflow.worker.keys import dedup_key
+from changeflow.worker.testing import configured
 from harness.pipeline import wait_until
 from harness.ports import free_port
 from harness.processes import ManagedProcess, worker_process
@@ -32,12 +38,6 @@ from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
 from tests.faults.knobs import DELAY_ENV, FAULT_WORKER, FLAG_ENV, WINDOW_LOG
 from worker import app
-from worker.dead_letters import COLLECTION
-from worker.dedup import DedupStore
-from worker.errors import is_transient
-from worker.idempotent import EFFECT_DONE_HEADER, FIRST_ATTEMPT_HEADER
-from worker.keys import dedup_key
-from worker.testing import configured
 
 from .test_tasks import user_insert
 

@@ -14,15 +14,15 @@ import pytest
 from bson import Decimal128, ObjectId, Timestamp
 from pymongo.database import Database
 
+from changeflow.worker.dedup import get_dedup_store
+from changeflow.worker.keys import dedup_key
+from changeflow.worker.settings import Settings
+from changeflow.worker.testing import configured
 from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
 from tasks.analytics import Bucket, count_once, update_analytics
 from tasks.email import send_shipping_notification, send_welcome_email
 from tasks.profiles import create_profile, create_profile_once
-from worker.dedup import get_dedup_store
-from worker.keys import dedup_key
-from worker.settings import Settings
-from worker.testing import configured
 
 WALL = dt.datetime(2026, 11, 23, 19, 38, 14, 123000)
 
@@ -95,7 +95,7 @@ def test_welcome_email_is_sent_once_per_key(
 ) -> None:
     event = user_insert({"_id": ObjectId(), "email": "ada@example.com", "name": "Ada"})
     key = dedup_key(event["_id"], "tasks.send_welcome_email")
-    caplog.set_level(logging.INFO, logger="worker.idempotent")
+    caplog.set_level(logging.INFO, logger="changeflow.worker.idempotent")
 
     first = run(send_welcome_email, event)
     second = run(send_welcome_email, event)
@@ -214,7 +214,7 @@ def test_shipping_notification_reads_the_order_when_the_event_has_no_post_image(
 def test_other_statuses_are_a_logged_skip(
     mail_worker: Settings, smtp: SmtpSink, caplog: pytest.LogCaptureFixture, status: str
 ) -> None:
-    caplog.set_level(logging.INFO, logger="worker.idempotent")
+    caplog.set_level(logging.INFO, logger="changeflow.worker.idempotent")
     order = {"_id": 1, "user_id": 2, "status": "new"}
     event = order_update(order, {"status": status})
     key = dedup_key(event["_id"], "tasks.send_shipping_notification")

@@ -16,11 +16,11 @@ import pytest
 import redis
 from celery import Celery
 
+from changeflow.worker.app import celery_config
+from changeflow.worker.settings import Settings
 from harness.processes import ManagedProcess, worker_process
 from harness.redis_server import RedisServer
 from harness.task_events import TASK_EVENTS_PATTERN, task_events
-from worker.app import celery_config
-from worker.settings import Settings
 
 TASK_EVENTS = ("task-received", "task-started", "task-succeeded")
 

@@ -1,4 +1,4 @@
-"""The command line (`python -m mongo_double`) and bounded change history (--oplog-size).
+"""The command line (`python -m changeflow.testing.mongo_double`) and bounded change history (--oplog-size).
 
 These start their own test server as a subprocess, so they run the same with or without MONGODB_URI.
 """
@@ -30,7 +30,7 @@ class Double:
             args = ("--port", "0", *args)
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mongo_double", *args],
+            [sys.executable, "-m", "changeflow.testing.mongo_double", *args],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

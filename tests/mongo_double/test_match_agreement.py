@@ -17,7 +17,7 @@ from bson import Decimal128, Int64, Regex
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from listener.routes import Route, compile_match, tasks_for
+from changeflow.listener.routes import Route, compile_match, tasks_for
 from tests.mongo_double.helpers import next_event
 
 Write = Callable[[Collection], object]
@@ -191,7 +191,7 @@ CASES: dict[str, tuple[dict[str, Any], list[Write]]] = {
 
 
 # The MongoDB test server evaluates $match with mongomock, which cannot order Decimal128 (it answers
-# CommandNotSupported); listener/matching.py compares them as decimal.Decimal. Real MongoDB only.
+# CommandNotSupported); changeflow/listener/matching.py compares them as decimal.Decimal. Real MongoDB only.
 NEEDS_REAL_MONGODB = {"decimal128 against int and float bounds", "decimal128 equality with an int"}
 
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from bson import ObjectId, Timestamp
 
-from listener.routes import compile_match
-from mongo_double.changestreams import apply_pipeline, compile_pipeline
-from mongo_double.errors import MongoError
+from changeflow.listener.routes import compile_match
+from changeflow.testing.mongo_double.changestreams import apply_pipeline, compile_pipeline
+from changeflow.testing.mongo_double.errors import MongoError
 from worker import app as repo_app
 
 ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes

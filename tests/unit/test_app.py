@@ -13,9 +13,9 @@ import pytest
 
 from changeflow import Changeflow, FieldChanged
 from changeflow.app import AppError, load_app
-from listener.routes import compile_match, tasks_for
-from worker.idempotent import IdempotentTask
-from worker.settings import Settings, SettingsError, default_app_spec
+from changeflow.listener.routes import compile_match, tasks_for
+from changeflow.worker.idempotent import IdempotentTask
+from changeflow.worker.settings import Settings, SettingsError, default_app_spec
 
 
 def make_app(name: str = "acme") -> Changeflow:

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from worker.keys import CHANGEFLOW_NAMESPACE, dedup_key
+from changeflow.worker.keys import CHANGEFLOW_NAMESPACE, dedup_key
 
 TOKEN = {"_data": "8263F0A1B2000000012B022C0100296E5A1004"}
 

@@ -1,4 +1,4 @@
-"""listener.backpressure and the loop's pause: nothing read while the broker's queue is full."""
+"""changeflow.listener.backpressure and the loop's pause: nothing read while the broker's queue is full."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from listener.backpressure import FIRST_WAIT, MAX_WAIT, Backpressure, next_wait, resume_below
-from listener.exit_codes import EXIT_OK
-from listener.health import HealthFile, check
+from changeflow.listener.backpressure import FIRST_WAIT, MAX_WAIT, Backpressure, next_wait, resume_below
+from changeflow.listener.exit_codes import EXIT_OK
+from changeflow.listener.health import HealthFile, check
 from tests.unit.test_listener_stream import STREAM, FakeDatabase, Journal, make_listener, token, user_insert
 from worker import app as repo_app
 
@@ -74,7 +74,7 @@ def test_the_loop_reads_nothing_while_the_queue_is_full_and_goes_on_below_90_per
     db = FakeDatabase([user_insert(1), user_insert(2), None, user_insert(3), user_insert(4)])
     listener = make_listener(db, journal, backpressure=Backpressure(queue_length, 20), health=health)
     db.listener = listener
-    caplog.set_level(logging.INFO, logger="listener.stream")
+    caplog.set_level(logging.INFO, logger="changeflow.listener.stream")
     assert listener.run() == EXIT_OK
 
     kinds = [kind if kind != "queue" else f"queue {value}" for kind, value in journal.entries]
@@ -108,6 +108,6 @@ def test_health_reports_a_paused_listener_as_healthy_and_says_why(tmp_path: Path
 
 
 def _task_ids(n: int) -> list[str]:
-    from listener.publish import messages_for
+    from changeflow.listener.publish import messages_for
 
     return [m.task_id for m in messages_for(user_insert(n), ROUTES)]

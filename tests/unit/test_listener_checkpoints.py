@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import mongomock
 
-from listener.checkpoints import COLLECTION, CheckpointStore
+from changeflow.listener.checkpoints import COLLECTION, CheckpointStore
 
 
 def test_load_without_a_checkpoint_is_none() -> None:

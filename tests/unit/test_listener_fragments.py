@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pymongo.errors import AutoReconnect
 
-from listener.exit_codes import EXIT_OK
-from listener.fragments import (
+from changeflow.listener.exit_codes import EXIT_OK
+from changeflow.listener.fragments import (
     SPLIT_STAGE,
     FragmentError,
     Reassembler,

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from listener.health import HealthFile, check, default_path
+from changeflow.listener.health import HealthFile, check, default_path
 
 
 def write(path: Path, **state: object) -> Path:

@@ -11,8 +11,7 @@ from bson import ObjectId
 from bson.regex import Regex
 from celery import Celery
 
-from harness.ports import free_port
-from listener.publish import (
+from changeflow.listener.publish import (
     BrokerUnavailable,
     CeleryPublisher,
     Rejected,
@@ -20,11 +19,12 @@ from listener.publish import (
     record_unpublishable,
     storable,
 )
+from changeflow.worker.app import celery_config
+from changeflow.worker.keys import dedup_key
+from changeflow.worker.serialization import check_serializable
+from changeflow.worker.settings import Settings
+from harness.ports import free_port
 from worker import app as repo_app
-from worker.app import celery_config
-from worker.keys import dedup_key
-from worker.serialization import check_serializable
-from worker.settings import Settings
 
 ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import mongomock
 from bson import ObjectId
 
-from listener.publish import Message, Rejected
-from listener.reconcile import reconcile, synthetic_events
-from listener.routes import FieldChanged, Route
-from worker.keys import dedup_key
+from changeflow.listener.publish import Message, Rejected
+from changeflow.listener.reconcile import reconcile, synthetic_events
+from changeflow.listener.routes import FieldChanged, Route
+from changeflow.worker.keys import dedup_key
 
 START = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 END = START + timedelta(minutes=10)

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from pymongo.errors import OperationFailure
 
-from listener.checkpoints import FencedOut
-from listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK
-from listener.lease import Holder, LeaseLost
+from changeflow.listener.checkpoints import FencedOut
+from changeflow.listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK
+from changeflow.listener.lease import Holder, LeaseLost
 from tests.unit.test_listener_stream import FakeDatabase, Journal, make_listener, task_ids, token, user_insert
 
 

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from pymongo.errors import AutoReconnect, OperationFailure
 
-from listener.backoff import Backoff
-from listener.checkpoints import Checkpoint
-from listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
-from listener.publish import BrokerUnavailable, Message, Rejected
-from listener.stream import Listener, is_resumable
+from changeflow.listener.backoff import Backoff
+from changeflow.listener.checkpoints import Checkpoint
+from changeflow.listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
+from changeflow.listener.publish import BrokerUnavailable, Message, Rejected
+from changeflow.listener.stream import Listener, is_resumable
+from changeflow.worker.settings import Settings
 from worker import app as repo_app
-from worker.settings import Settings
 
 ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
@@ -186,7 +186,7 @@ def make_listener(
 
 
 def task_ids(*events: dict[str, Any]) -> list[str]:
-    from listener.publish import messages_for
+    from changeflow.listener.publish import messages_for
 
     return [m.task_id for e in events for m in messages_for(e, ROUTES)]
 
@@ -364,7 +364,7 @@ def test_while_events_flow_the_checkpoint_moves_at_most_once_per_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr("listener.stream.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr("changeflow.listener.stream.time", SimpleNamespace(monotonic=lambda: clock[0]))
 
     def wait(seconds: float) -> Callable[[], None]:
         return lambda: clock.__setitem__(0, clock[0] + seconds)

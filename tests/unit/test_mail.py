@@ -7,6 +7,7 @@ import smtplib
 import pytest
 from bson import Decimal128, ObjectId
 
+from changeflow.worker.errors import PermanentTaskError
 from harness.smtp_sink import SmtpSink
 from tasks.email import (
     BIDI_CONTROLS,
@@ -19,7 +20,6 @@ from tasks.email import (
     welcome_email,
     without_smtputf8,
 )
-from worker.errors import PermanentTaskError
 
 KEY = "1b4e28ba-2fa1-51d2-883f-0016d3cca427"
 FROM = "changeflow <no-reply@changeflow.local>"

@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 from bson import Decimal128
 
-from listener.matching import check_query, query_matches
+from changeflow.listener.matching import check_query, query_matches
 
 
 def test_the_matcher_is_where_listener_matching_expects_it() -> None:
     from mongomock import filtering
 
-    message = "mongomock.filtering.filter_applies moved: see listener/matching.py"
+    message = "mongomock.filtering.filter_applies moved: see changeflow/listener/matching.py"
     assert callable(filtering.filter_applies), message
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from bson import Decimal128, Int64, ObjectId, Timestamp
 
-from listener.payload import PAYLOAD_FIELDS, task_payload
+from changeflow.listener.payload import PAYLOAD_FIELDS, task_payload
 
 
 def full_event() -> dict[str, Any]:

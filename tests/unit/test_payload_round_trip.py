@@ -34,11 +34,11 @@ from hypothesis import strategies as st
 from kombu import Connection
 from kombu.serialization import dumps, loads
 
-from listener.payload import task_payload
-from listener.pipelined import PipelinedPublisher, fast_body
-from listener.publish import CeleryPublisher, Message
+from changeflow.listener.payload import task_payload
+from changeflow.listener.pipelined import PipelinedPublisher, fast_body
+from changeflow.listener.publish import CeleryPublisher, Message
+from changeflow.worker.serialization import MONGO_CLIENT_OPTIONS
 from tests.unit.test_pipelined_publisher import FakeRedis, make_app
-from worker.serialization import MONGO_CLIENT_OPTIONS
 
 # What the listener's MongoClient decodes with (its options on top of pymongo's defaults).
 STORED = CodecOptions(

@@ -18,11 +18,11 @@ from bson.regex import Regex
 from bson.son import SON
 from celery import Celery
 
-from listener.pipelined import LPUSH_CHUNK, PipelinedPublisher, summary_argsrepr
-from listener.publish import BrokerUnavailable, Message, messages_for
+from changeflow.listener.pipelined import LPUSH_CHUNK, PipelinedPublisher, summary_argsrepr
+from changeflow.listener.publish import BrokerUnavailable, Message, messages_for
+from changeflow.worker.app import celery_config
+from changeflow.worker.settings import Settings
 from worker import app as repo_app
-from worker.app import celery_config
-from worker.settings import Settings
 
 ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
 
@@ -227,10 +227,10 @@ def test_summary_argsrepr_names_the_event_not_the_document() -> None:
 def test_the_fast_body_encoder_matches_the_registered_serializer() -> None:
     from kombu.serialization import dumps
 
-    from worker.serialization import register_bson_types
+    from changeflow.worker.serialization import register_bson_types
 
     register_bson_types()
-    from listener.pipelined import fast_json_matches, json_text
+    from changeflow.listener.pipelined import fast_json_matches, json_text
 
     assert fast_json_matches()
     payloads = [messages_for(event(i, coll), ROUTES)[0].payload for i in range(20) for coll in ("users",)] + [
@@ -255,10 +255,10 @@ def test_the_fast_body_encoder_matches_the_registered_serializer() -> None:
 
 
 def test_keys_the_fast_encoder_does_not_spell_go_to_the_serializer() -> None:
-    from worker.serialization import register_bson_types
+    from changeflow.worker.serialization import register_bson_types
 
     register_bson_types()
-    from listener.pipelined import _NotPlain, json_text
+    from changeflow.listener.pipelined import _NotPlain, json_text
 
     with pytest.raises(_NotPlain):
         json_text({"a": {1: "x"}})  # json writes the key as "1"; the serializer decides
@@ -275,14 +275,14 @@ def test_keys_the_fast_encoder_does_not_spell_go_to_the_serializer() -> None:
 def test_types_the_fast_encoder_does_not_know_go_to_the_serializer() -> None:
     client = FakeRedis()
     bad = event(2)
-    bad["fullDocument"]["script"] = complex(1, 2)  # refused by worker.serialization, with its path
+    bad["fullDocument"]["script"] = complex(1, 2)  # refused by changeflow.worker.serialization, with its path
     publisher = PipelinedPublisher(make_app(sent_events=False), client=client)  # type: ignore[arg-type]
     rejected = publisher.publish(messages_for(bad, ROUTES))
     assert len(rejected) == 2 and "fullDocument.script" in rejected[0].error
 
 
 def test_the_fast_decimal128_text_is_bsons() -> None:
-    from listener.pipelined import _decimal128_str
+    from changeflow.listener.pipelined import _decimal128_str
 
     rnd = random.Random(128)
     values = [Decimal128(text) for text in ("-0", "1.50", "-1E-6176", "9.99E+6144", "NaN", "-sNaN", "Inf")]
@@ -298,7 +298,7 @@ def test_the_fast_decimal128_text_is_bsons() -> None:
 
 
 def test_json_with_holes_is_json_dumps_of_the_filled_value() -> None:
-    from listener.pipelined import _JsonHoles, json_number, json_string
+    from changeflow.listener.pipelined import _JsonHoles, json_number, json_string
 
     def value(id_: object, at: object, k: object) -> dict[str, Any]:
         return {"id": id_, "n": None, "nested": {"at": at, "again": [id_, "x"]}, "k": k}
@@ -318,7 +318,7 @@ def test_json_with_holes_is_json_dumps_of_the_filled_value() -> None:
 
 @pytest.mark.parametrize("value", [{"id": "prefix-\x00changeflow:id\x00"}, {"id": "no hole"}])
 def test_json_with_holes_refuses_holes_it_cannot_fill(value: dict[str, str]) -> None:
-    from listener.pipelined import _JsonHoles
+    from changeflow.listener.pipelined import _JsonHoles
 
     with pytest.raises(ValueError, match="not whole values"):
         _JsonHoles.of(value, ("id",))
@@ -327,7 +327,7 @@ def test_json_with_holes_refuses_holes_it_cannot_fill(value: dict[str, str]) -> 
 def test_commands_are_packed_as_redis_py_packs_them() -> None:
     from redis.connection import Connection
 
-    from listener.pipelined import resp_command
+    from changeflow.listener.pipelined import resp_command
 
     packer = Connection()
     for args in [
@@ -339,7 +339,7 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
 
 
 def test_a_batch_takes_consecutive_lamport_clock_values() -> None:
-    from listener.pipelined import reserve_clock
+    from changeflow.listener.pipelined import reserve_clock
 
     client = FakeRedis()
     app = make_app()
@@ -355,7 +355,7 @@ def test_a_batch_takes_consecutive_lamport_clock_values() -> None:
 
 def test_a_broker_it_cannot_use_is_named_without_its_password() -> None:
     app = Celery("changeflow-unit", set_as_current=False)
-    # Settings refuse this URL already (worker.settings); the publisher must not rely on that.
+    # Settings refuse this URL already (changeflow.worker.settings); the publisher must not rely on that.
     app.conf.update({**celery_config(Settings()), "broker_url": "amqp://changeflow:s3cret-pw@rabbit:5672//"})
     publisher = PipelinedPublisher(app, client=FakeRedis())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"needs a Redis broker .*, got scheme 'amqp'") as refused:

@@ -8,10 +8,10 @@ import pytest
 from celery import Celery
 from kombu import Connection
 
-from worker import broker
-from worker.app import celery_config
-from worker.redis_conn import RedisUrlError, Tls, mask, parse_redis_url, target_of_app
-from worker.settings import Settings, SettingsError
+from changeflow.worker import broker
+from changeflow.worker.app import celery_config
+from changeflow.worker.redis_conn import RedisUrlError, Tls, mask, parse_redis_url, target_of_app
+from changeflow.worker.settings import Settings, SettingsError
 
 
 def test_plain_url() -> None:

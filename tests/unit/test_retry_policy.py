@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from worker.retry import BACKOFF_BASE, LEASE_RETRY_DELAY, lease_retry_delay, may_retry, retry_delay
+from changeflow.worker.retry import BACKOFF_BASE, LEASE_RETRY_DELAY, lease_retry_delay, may_retry, retry_delay
 
 
 def test_backoff_ceiling_doubles_then_caps() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.settings import Settings, SettingsError
+from changeflow.worker.settings import Settings, SettingsError
 
 
 def test_the_budget_is_an_hour_and_no_count_cap_by_default() -> None:

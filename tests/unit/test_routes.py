@@ -7,7 +7,7 @@ from typing import Any
 import mongomock
 import pytest
 
-from listener.routes import FieldChanged, Route, compile_match, tasks_for
+from changeflow.listener.routes import FieldChanged, Route, compile_match, tasks_for
 from worker import app as repo_app
 
 # This repository's app (tasks/, declared with @app.on): the card's routes. Their order follows the

@@ -19,7 +19,7 @@ from bson.regex import Regex
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
 
-from worker.serialization import UnserializableValueError, check_serializable, register_bson_types
+from changeflow.worker.serialization import UnserializableValueError, check_serializable, register_bson_types
 
 register_bson_types()  # as creating an app does
 

@@ -1,4 +1,4 @@
-"""worker.settings: every variable checked at start-up, URLs masked in every message."""
+"""changeflow.worker.settings: every variable checked at start-up, URLs masked in every message."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from worker.settings import (
+from changeflow.worker.settings import (
     INT_RANGES,
     MASK,
     Settings,

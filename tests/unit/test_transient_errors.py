@@ -1,4 +1,4 @@
-"""worker.errors.is_transient: the one place that decides retry (with backoff) vs. dead letter."""
+"""changeflow.worker.errors.is_transient: the one place that decides retry (with backoff) vs. dead letter."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import redis.exceptions
 from celery.exceptions import SoftTimeLimitExceeded
 from redis._parsers.base import BaseParser
 
-from worker.errors import (
+from changeflow.worker.errors import (
     TRANSIENT_REDIS_REPLIES,
     PermanentTaskError,
     TransientTaskError,

@@ -11,9 +11,9 @@ import pytest
 from bson import ObjectId
 from kombu.exceptions import DecodeError
 
-import worker.consumer
-from worker.consumer import UNDECODABLE_REQUEUE_SECONDS, Consumer
-from worker.dead_letters import undecodable_payload
+import changeflow.worker.consumer
+from changeflow.worker.consumer import UNDECODABLE_REQUEUE_SECONDS, Consumer
+from changeflow.worker.dead_letters import undecodable_payload
 
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 OID = ObjectId("65a1b2c3d4e5f60718293a4b")
@@ -72,7 +72,7 @@ class FakeHub:
 
 def test_an_undecodable_message_becomes_a_dead_letter_then_is_acked(monkeypatch: pytest.MonkeyPatch) -> None:
     db = mongomock.MongoClient().db
-    monkeypatch.setattr(worker.consumer, "get_db", lambda: db)
+    monkeypatch.setattr(changeflow.worker.consumer, "get_db", lambda: db)
     message = FakeMessage(old_body())
     Consumer.on_decode_error(SimpleNamespace(hub=FakeHub()), message, DecodeError("Unsupported type"))  # type: ignore[arg-type]
     letter = db.changeflow_dead_letters.find_one({"_id": "key-1"})
@@ -93,7 +93,7 @@ def test_when_the_letter_cannot_be_stored_the_message_goes_back_to_the_queue(
     def down() -> None:
         raise ConnectionError("MongoDB is down")
 
-    monkeypatch.setattr(worker.consumer, "get_db", down)
+    monkeypatch.setattr(changeflow.worker.consumer, "get_db", down)
     message, hub = FakeMessage(old_body()), FakeHub()
     Consumer.on_decode_error(SimpleNamespace(hub=hub if with_hub else None), message, DecodeError("x"))  # type: ignore[arg-type]
     assert not message.acked

@@ -1,0 +1,809 @@
+"""A fast `Publisher`: one pipelined Redis round trip per batch, with the messages `send_task` would send.
+
+`CeleryPublisher` pays, per message, for Celery's `saferepr` of the payload (the `argsrepr` header),
+kombu's entity declarations and copies, and one Redis round trip (two with task-sent events). This
+publisher builds the same Celery protocol-2 message with `app.amqp.as_task_v2` (the function `send_task`
+uses; once per task name, encoded as JSON with holes for the task id, argsrepr, body and delivery tag,
+and its task-sent event likewise), serializes the body as the app's task serializer does (kombu's
+registry, where worker/serialization.py registered the BSON types; through an equivalent one-walk
+encoder, checked byte for byte against it at first use), wraps it in the kombu Redis transport's envelope and
+sends the batch on one connection as `LPUSH` commands of LPUSH_CHUNK messages, each written as soon as
+it is built (Redis stores one chunk while the next is encoded), the replies read at the end: one wait
+per batch. Workers consume the messages unchanged: same task ids, headers (except `argsrepr`, see
+below), properties and body. The messages of one event share their payload, so its body is encoded once.
+
+Differences from `send_task`, on purpose:
+- `argsrepr` (shown by Flower and in worker logs; never read to run the task) is a short summary of
+  the event (`_id`, `operationType`, `ns`, `documentKey`) instead of a saferepr of the whole payload,
+  which is the most expensive step of `send_task`. `exact_argsrepr=True` restores Celery's.
+- No queue/exchange declaration per message: the default queue of Redis needs none (kombu's binding
+  sets only matter for non-default exchanges), and workers declare their queues on start.
+
+Task-sent events (`task_send_sent_event`, what Flower shows as SENT before a worker receives the task)
+are published in the same round trip, after the messages, with the same fields Celery's event dispatcher
+gives them, grouped into one message per batch the way Celery's dispatcher sends buffered events (a list
+body on routing key `task.multi`, as workers send their task events): Flower sees the same events on
+both paths, for one PUBLISH per batch instead of one per message. Each event's JSON is made from its
+template, and the list is those texts joined, as json.dumps would encode the list of events.
+
+Guarantees are those of the `Publisher` protocol: a message the serializer refuses is returned as
+`Rejected` (nothing of it is sent); any Redis error raises `BrokerUnavailable` and the caller retries
+the whole batch (an LPUSH that did get through is then sent twice, with the same task id, which the
+workers' dedup guard absorbs); when `publish` returns, Redis has accepted every other message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import decimal
+import itertools
+import json
+import math
+import os
+import re
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from json.encoder import encode_basestring_ascii
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.exceptions
+from celery.events.event import Event
+from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
+from celery.utils.time import utcoffset
+from kombu.serialization import dumps as kombu_dumps
+from redis.backoff import NoBackoff
+from redis.connection import AbstractConnection
+from redis.retry import Retry
+
+from changeflow.listener.publish import BROKER_ERRORS, ENCODE_ERRORS, BrokerUnavailable, Message, Rejected
+from changeflow.worker.redis_conn import target_of_app
+from changeflow.worker.serialization import (
+    D128_COEFFICIENT,
+    D128_MAX_COEFFICIENT,
+    D128_OTHER_FORM,
+    D128_SPECIAL,
+    decimal128_has_text,
+)
+
+if TYPE_CHECKING:
+    from bson import Decimal128
+    from bson.code import Code
+    from bson.dbref import DBRef
+    from celery import Celery
+    from kombu.clocks import LamportClock
+
+# Values per LPUSH command. Each command is sent as soon as its messages are built, and Redis stores
+# one chunk while the next is encoded; a batch ends with the wait for the last chunk only. Small
+# enough for that overlap, large enough to keep per-command costs low (measured: 64-512 are alike).
+LPUSH_CHUNK = 128
+# Task-sent events go out grouped, as Celery's dispatcher sends buffered groups of events.
+EVENTS_ROUTING_KEY = "task.multi"
+EVENTS_PER_MESSAGE = 1000
+# With Sentinel, how long a batch waits for a replica to confirm it (WAIT) before it is retried.
+REPLICA_WAIT_MS = 2000
+# Fields of the payload summarized in the argsrepr header: what identifies the event.
+SUMMARY_FIELDS = ("_id", "operationType", "ns", "documentKey")
+
+
+def delivery_tags() -> Callable[[], str]:
+    """Unique delivery tags shaped like kombu's (a uuid4 string), without a uuid4 per message.
+
+    kombu only needs them unique (the consumer's unacked hash is keyed by them). A random uuid4 per
+    publisher with a counter in its last 48 bits keeps them unique across listeners and restarts
+    (74 random bits per publisher) at a fraction of the cost: two uuid4 per message were ~15% of
+    the publisher's time.
+    """
+    base = str(uuid.uuid4())[:24]
+    counter = itertools.count(int.from_bytes(os.urandom(5), "big"))
+    return lambda: f"{base}{next(counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+def reserve_clock(clock: LamportClock, count: int) -> int:
+    """The first of `count` consecutive values of the app's Lamport clock, as `count` forward() calls
+    would give them (Celery's dispatcher forwards it once per event), for one lock round."""
+    first = clock.forward()
+    if count > 1:
+        clock.adjust(first + count - 2)  # the clock is now first + count - 1, at least
+    return first
+
+
+def summary_argsrepr(payload: Mapping[str, Any]) -> str:
+    """A cheap argsrepr: the identifying fields of the event, in the shape saferepr would print."""
+    fields = [label + repr(payload[key]) for key, label in _SUMMARY_LABELS if key in payload]
+    more = ", ..." if len(payload) > len(fields) else ""
+    return f"[{{{', '.join(fields)}{more}}}]"
+
+
+_SUMMARY_LABELS = [(key, f"{key!r}: ") for key in SUMMARY_FIELDS]
+
+
+class PipelinedPublisher:
+    """Publishes a batch of task messages in one pipelined Redis round trip (see the module doc).
+
+    `app` (the changeflow app the listener loaded) gives the broker URL, the task serializer, the default
+    queue, and whether task-sent events are on. `client` replaces the Redis client made from the broker URL.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        client: redis.Redis | None = None,
+        exact_argsrepr: bool = False,
+        delivery_tag: Callable[[], str] | None = None,
+    ) -> None:
+        self.app = app
+        self.exact_argsrepr = exact_argsrepr
+        self._delivery_tag = delivery_tag or delivery_tags()
+        self._client = client
+        self._layout: _Layout | None = None
+        self._encoding = "utf-8"  # of task bodies: the layout's, once it is read
+        self._fast_json: bool | None = None  # decided on first use (see fast_json_matches)
+        self._templates: dict[str, _Template] = {}
+        # Sentinel: a batch counts as published once a replica has it too (WAIT), so a failover
+        # right after cannot lose it. Set with the client.
+        self._wait_replicas = False
+
+    # -- the Publisher protocol ----------------------------------------------------------------
+    def publish(self, messages: Sequence[Message]) -> list[Rejected]:
+        if not messages:
+            return []
+        try:
+            layout = self._get_layout()
+            client = self._get_client()
+        except (*BROKER_ERRORS, redis.exceptions.RedisError) as exc:
+            raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
+        sender = _StreamedCommands(client)
+        try:
+            rejected = self._build_and_send(messages, layout, sender)
+            if self._wait_replicas:
+                sender.send("WAIT", "1", str(REPLICA_WAIT_MS))
+            last = sender.finish()  # raises BrokerUnavailable unless Redis accepted every command
+        except BaseException:
+            sender.abandon()  # failed half way: the connection's unread replies are out of step
+            raise
+        if self._wait_replicas and not (isinstance(last, int) and last >= 1):
+            # Acknowledged by the master alone, which may die before replicating it: send it again.
+            raise BrokerUnavailable(f"no replica confirmed the batch within {REPLICA_WAIT_MS} ms (WAIT)")
+        return rejected
+
+    def _build_and_send(
+        self, messages: Sequence[Message], layout: _Layout, sender: _StreamedCommands
+    ) -> list[Rejected]:
+        rejected: list[Rejected] = []
+        envelopes: list[str] = []  # built, not sent yet (fewer than LPUSH_CHUNK)
+        events: list[str] = []  # each task-sent event already encoded (see _events_message)
+        offset = json_number(utcoffset())  # once per batch: it reads the local time zone
+        clock = itertools.count(reserve_clock(self.app.clock, len(messages)))
+        delivery_tag = self._delivery_tag
+        templates = self._templates
+        # The messages of one event share their payload object, and so their body and argsrepr.
+        shared: object = _NOTHING
+        body = argsrepr = ""  # JSON texts of the shared payload's body and argsrepr
+        for message in messages:
+            try:
+                if message.payload is not shared:
+                    body, argsrepr = self._body(message.payload), json_string(self._argsrepr(message.payload))
+                    shared = message.payload
+                template = templates.get(message.task_name) or self._template(layout, message.task_name)
+                task_id = json_string(message.task_id)
+                envelope = template.envelope.fill((task_id, argsrepr, body, json_string(delivery_tag())))
+                event = None
+                if template.sent_event is not None:
+                    # Clock and timestamp per message, as Celery's dispatcher gives each event its own
+                    # (an int's and a finite float's JSON text is their repr).
+                    event = template.sent_event.fill(
+                        (task_id, argsrepr, offset, repr(next(clock)), repr(time.time()))
+                    )
+            except ENCODE_ERRORS as exc:
+                rejected.append(Rejected(message, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+                continue
+            envelopes.append(envelope)
+            if event is not None:
+                events.append(event)
+            if len(envelopes) == LPUSH_CHUNK:
+                sender.send("LPUSH", layout.queue_key, *envelopes)
+                envelopes = []
+        if envelopes:
+            sender.send("LPUSH", layout.queue_key, *envelopes)
+        # After the messages, so an event receiver never sees a task sent before it is in the queue.
+        for start in range(0, len(events), EVENTS_PER_MESSAGE):
+            grouped = self._events_message(layout, events[start : start + EVENTS_PER_MESSAGE])
+            for topic in layout.event_topics:
+                sender.send("PUBLISH", topic, grouped)
+        return rejected
+
+    def check(self) -> None:
+        """ValueError (URL masked) when this publisher cannot work with the app's broker settings.
+
+        For start-up: only configuration is read, nothing connects.
+        """
+        self._get_layout()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    # -- building ------------------------------------------------------------------------------
+    def _body(self, payload: dict[str, Any]) -> str:
+        """The task body `(args, kwargs, embed)` as send_task encodes it, base64'd as the transport
+        does: the JSON string of the envelope's "body"."""
+        data: str | bytes | None = None
+        if self._fast_json is None:
+            self._fast_json = self.app.conf.task_serializer == "json" and fast_json_matches()
+        if self._fast_json:
+            try:
+                data = fast_body(payload)
+            except _NotPlain:
+                data = None  # a type the fast path does not know: the serializer decides (or refuses)
+        if data is None:
+            _, _, data = kombu_dumps(([payload], {}, _EMBED), serializer=self.app.conf.task_serializer)
+        raw = data.encode(self._encoding) if isinstance(data, str) else data
+        # What base64.b64encode does, without its Python wrapper; base64 needs no JSON escaping.
+        return '"' + binascii.b2a_base64(raw, newline=False).decode("ascii") + '"'
+
+    def _argsrepr(self, payload: dict[str, Any]) -> str:
+        if self.exact_argsrepr:
+            return saferepr(
+                [payload], self.app.amqp.argsrepr_maxsize, maxlevels=self.app.conf.task_repr_maxlevels
+            )
+        return summary_argsrepr(payload)
+
+    def _template(self, layout: _Layout, task_name: str) -> _Template:
+        template = self._templates[task_name] = _Template.of(self.app, layout, task_name)
+        return template
+
+    def _events_message(self, layout: _Layout, events: list[str]) -> str:
+        """Many events in one message, as Celery's dispatcher sends a buffered group ("task.multi").
+
+        Event receivers (Flower, `celery events`) take a list body as that many events, so Flower
+        sees each task-sent event as if it came alone, for one PUBLISH per batch instead of one per
+        message. `events` are encoded already: the list is their JSON texts joined as json.dumps
+        joins list items.
+        """
+        listed = "[" + ", ".join(events) + "]"
+        body = '"' + base64.b64encode(listed.encode("utf-8")).decode("ascii") + '"'
+        return layout.events_envelope.fill((body, json_string(self._delivery_tag())))
+
+    # -- the client -----------------------------------------------------------------------------
+    def _get_client(self) -> redis.Redis:
+        if self._client is None:
+            conf = self.app.conf
+            options = conf.broker_transport_options or {}
+            timeout = conf.broker_connection_timeout or 4.0
+            # The broker as the workers' kombu reads it: TLS checks, Sentinel master (worker/redis_conn.py).
+            target = target_of_app(conf)
+            self._client = target.client(
+                socket_connect_timeout=options.get("socket_connect_timeout", timeout),
+                socket_timeout=options.get("socket_timeout", 10.0),
+                # No retries inside redis-py: like CeleryPublisher, fail after one attempt and let the
+                # listener back off and retry the batch.
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._wait_replicas = target.sentinel
+        return self._client
+
+    def _get_layout(self) -> _Layout:
+        if self._layout is None:
+            self._layout = _Layout.of(self.app)
+            self._encoding = self._layout.content[1]
+        return self._layout
+
+
+class _StreamedCommands:
+    """Redis commands sent as soon as they are built, their replies read at the end (one connection).
+
+    A pipeline whose sending overlaps the building of its next commands: Redis stores one chunk of
+    messages while the publisher encodes the next. `finish()` reads every reply; a Redis error (the
+    connection, or an error reply such as OOM or READONLY) raises BrokerUnavailable, and the batch is
+    retried whole. After any failure the caller calls `abandon()`: the connection's unread replies
+    would be out of step.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._connection: AbstractConnection | None = None
+        self._sent = 0
+
+    def send(self, *args: str) -> None:
+        with _broker_errors():
+            if self._connection is None:
+                self._connection = self._pool.get_connection()
+            packed = resp_command(args)
+            if packed is None:
+                self._connection.send_command(*args)  # redis-py's packer: any text
+            else:
+                self._connection.send_packed_command([packed])
+        self._sent += 1
+
+    def finish(self) -> object:
+        """Read every reply; returns the last one (None when nothing was sent)."""
+        last: object = None
+        if self._connection is None:
+            return last
+        with _broker_errors():
+            for _ in range(self._sent):
+                last = self._connection.read_response()
+        self._pool.release(self._connection)
+        self._connection = None
+        return last
+
+    def abandon(self) -> None:
+        """Drop the connection (if any) with whatever it has not read. Idempotent."""
+        if self._connection is not None:
+            self._connection.disconnect()
+            self._pool.release(self._connection)
+            self._connection = None
+
+
+@contextmanager
+def _broker_errors() -> Iterator[None]:
+    try:
+        yield
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
+
+
+def resp_command(args: Sequence[str]) -> bytes | None:
+    """`args` as one Redis command in RESP, the bytes redis-py's packer makes; None unless all ASCII.
+
+    Messages are ASCII (JSON with ensure_ascii, base64), so a string's length is its length in bytes,
+    and one f-string per value and one encode per command cost a third of redis-py's packing.
+    """
+    text = "".join([f"*{len(args)}\r\n", *[f"${len(arg)}\r\n{arg}\r\n" for arg in args]])
+    return text.encode("ascii") if text.isascii() else None
+
+
+# -- JSON with holes --------------------------------------------------------------------------------
+# A message differs from the next one by a few values (task id, argsrepr, body, delivery tag; in its
+# task-sent event, clock and timestamp): the rest of its JSON is encoded once, and each message is
+# that text joined around the JSON texts of its own values.
+
+# What json.dumps (ensure_ascii, the default) makes of a str: the same C function.
+json_string: Callable[[str], str] = encode_basestring_ascii
+
+
+def json_number(value: float) -> str:
+    """What json.dumps makes of an int or a float (its repr when finite), without json.dumps' cost."""
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):
+        return repr(value)
+    return json.dumps(value)  # bool, NaN, infinities, subclasses: json's own spelling
+
+
+class _JsonHoles:
+    """The JSON text of a value in which some values vary: encoded once, cut around those values.
+
+    `of(value, holes)`: `value` carries `hole(name)` (a sentinel string) wherever the per-message
+    value `name` goes, each a whole JSON value (a string or a number, its key order and everything
+    else as json.dumps encodes it). `fill(texts)`, with `texts[i]` the JSON text of `holes[i]` (from
+    `json_string` or `json_number`), gives the same text as json.dumps of the value holding them.
+    """
+
+    SENTINEL = "\x00changeflow:"  # NUL: in no real value
+
+    def __init__(self, parts: list[str], slots: list[tuple[int, int]]) -> None:
+        self.parts = parts  # literal pieces, with a placeholder where each hole goes
+        self.slots = slots  # (index in parts, index in the fill values)
+
+    @classmethod
+    def hole(cls, name: str) -> str:
+        return f"{cls.SENTINEL}{name}\x00"
+
+    @classmethod
+    def of(cls, value: Any, holes: Sequence[str]) -> _JsonHoles:
+        text = json.dumps(value)
+        encoded = {json.dumps(cls.hole(name)): index for index, name in enumerate(holes)}  # quoted
+        parts = re.split("(" + "|".join(re.escape(key) for key in encoded) + ")", text)
+        slots = [(at, encoded[parts[at]]) for at in range(1, len(parts), 2)]
+        # Refuse to make messages that would silently lack a value (a task id, say), or carry a
+        # sentinel where a value is part of a longer string.
+        missing = set(holes) - {holes[index] for _, index in slots}
+        sentinel = json.dumps(cls.SENTINEL)[1:-1]
+        if missing or any(sentinel in part for part in parts[0::2]):
+            raise ValueError(f"holes {list(holes)} are not whole values of {value!r}")
+        return cls(parts, slots)
+
+    def fill(self, texts: Sequence[str]) -> str:
+        parts = self.parts.copy()
+        for at, index in self.slots:
+            parts[at] = texts[index]
+        return "".join(parts)
+
+
+class _Template:
+    """The messages of one task name, from `as_task_v2`'s output: its envelope and task-sent event.
+
+    `as_task_v2` is called once per task name with sentinel values for the task id and argsrepr;
+    the envelope (holes: task id, argsrepr, body, delivery tag) and the task-sent event (holes: task
+    id, argsrepr, utcoffset, clock, timestamp) are encoded once with holes (`_JsonHoles`). Whatever
+    Celery puts in the headers and the event, the templates have it, in Celery's order.
+    """
+
+    ENVELOPE_HOLES = ("task_id", "argsrepr", "body", "delivery_tag")
+    EVENT_HOLES = ("task_id", "argsrepr", "utcoffset", "clock", "timestamp")
+
+    def __init__(self, envelope: _JsonHoles, sent_event: _JsonHoles | None) -> None:
+        self.envelope = envelope
+        self.sent_event = sent_event
+
+    @classmethod
+    def of(cls, app: Celery, layout: _Layout, task_name: str) -> _Template:
+        hole = _JsonHoles.hole
+        headers, properties, _, sent_fields = app.amqp.as_task_v2(
+            hole("task_id"),
+            task_name,
+            args=_NO_ARGS,  # the body is encoded separately (and shared by the event's messages)
+            argsrepr=hole("argsrepr"),
+            kwargsrepr="{}",
+            origin=layout.origin,
+            reply_to=layout.reply_to,
+            create_sent_event=layout.sent_events,
+            ignore_result=None,  # what send_task passes when the task is not given ignore_result
+        )
+        # What kombu's producer and the Redis channel add (Channel.prepare_message,
+        # _inplace_augment_message), for the default exchange and a priority-0 message.
+        properties["delivery_mode"] = 2  # persistent: the default delivery mode of task queues
+        properties["delivery_info"] = {"exchange": "", "routing_key": layout.routing_key}
+        properties["priority"] = 0
+        properties["body_encoding"] = "base64"
+        properties["delivery_tag"] = hole("delivery_tag")
+        content_type, content_encoding = layout.content
+        envelope = {
+            "body": hole("body"),
+            "content-encoding": content_encoding,
+            "content-type": content_type,
+            "headers": headers,
+            "properties": properties,
+        }
+        sent_event = None
+        if sent_fields is not None:
+            # The fields in the order Celery's dispatcher gives them (Event: timestamp, then type).
+            event = Event(
+                "task-sent",
+                hostname=layout.origin,
+                utcoffset=hole("utcoffset"),
+                pid=layout.pid,
+                clock=hole("clock"),
+                **sent_fields,
+                queue=layout.queue,
+                exchange="",
+                routing_key=layout.routing_key,
+                timestamp=hole("timestamp"),
+            )
+            sent_event = _JsonHoles.of(event, cls.EVENT_HOLES)
+        return cls(_JsonHoles.of(envelope, cls.ENVELOPE_HOLES), sent_event)
+
+
+_NOTHING = object()
+_NO_ARGS: list[Any] = []
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_BODY = _JsonHoles.of(([_JsonHoles.hole("payload")], {}, _EMBED), ("payload",))
+
+
+class _Layout:
+    """Where messages go and what every message shares, read once from the app's configuration."""
+
+    def __init__(
+        self,
+        *,
+        queue: str,
+        queue_key: str,
+        event_topics: list[str],
+        sent_events: bool,
+        origin: str,
+        reply_to: str,
+    ) -> None:
+        self.queue = queue
+        self.routing_key = queue
+        self.queue_key = queue_key
+        self.event_topics = event_topics
+        self.sent_events = sent_events
+        self.origin = origin
+        self.reply_to = reply_to
+        self.pid = os.getpid()
+        self.content = ("application/json", "utf-8")  # (content type, encoding) of task bodies
+        # The message of a batch's task-sent events, as Celery's dispatcher sends a buffered group.
+        self.events_envelope = _JsonHoles.of(
+            {
+                "body": _JsonHoles.hole("body"),
+                "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": {"hostname": origin},
+                "properties": {
+                    "delivery_mode": 1,
+                    "delivery_info": {"exchange": "celeryev", "routing_key": EVENTS_ROUTING_KEY},
+                    "priority": 0,
+                    "body_encoding": "base64",
+                    "delivery_tag": _JsonHoles.hole("delivery_tag"),
+                },
+            },
+            ("body", "delivery_tag"),
+        )
+
+    @classmethod
+    def of(cls, app: Celery) -> _Layout:
+        conf = app.conf
+        if not conf.broker_url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+            scheme = conf.broker_url.partition("://")[0]  # only the scheme: the URL may hold a password
+            raise ValueError(
+                "PipelinedPublisher needs a Redis broker (redis://, rediss://, unix:// or sentinel://), "
+                f"got scheme {scheme!r}"
+            )
+        if (conf.broker_transport_options or {}).get("global_keyprefix"):
+            raise ValueError("PipelinedPublisher does not support broker global_keyprefix")
+        if conf.task_routes:
+            raise ValueError("PipelinedPublisher sends to the default queue only; task_routes is set")
+        queue = conf.task_default_queue
+        # Key names as kombu's Redis channel makes them (kombu/transport/redis.py): a message of
+        # priority 0 goes to the list named after the queue; fanout messages (events) go to the topic
+        # "<fanout prefix><exchange>/<routing key>", the prefix being "/<db>." by default. Worked out
+        # here rather than asked of a kombu channel, which would connect to Redis just to say so.
+        options = conf.broker_transport_options or {}
+        prefix = options.get("fanout_prefix", True)
+        if prefix is True:
+            prefix = f"/{target_of_app(conf).db}."
+        elif not prefix:
+            prefix = ""
+        patterns = options.get("fanout_patterns", True)
+        topic = f"{prefix}celeryev/{EVENTS_ROUTING_KEY}" if patterns else f"{prefix}celeryev"
+        queue_key = queue
+        event_topics = [topic]
+        layout = cls(
+            queue=queue,
+            queue_key=queue_key,
+            event_topics=event_topics,
+            sent_events=bool(conf.task_send_sent_event),
+            origin=anon_nodename(),
+            reply_to=app.thread_oid,
+        )
+        # The task serializer's content type and encoding, as send_task would label the body.
+        content_type, content_encoding, _ = kombu_dumps(None, serializer=conf.task_serializer)
+        layout.content = (content_type, content_encoding)
+        return layout
+
+
+# -- the task body without kombu's Python `default()` hook ----------------------------------------
+# Encoding the body is the most expensive step left (half the publisher's time with kombu's encoder:
+# a Python default() call per BSON value, after worker.serialization's own walk for Int64). The same
+# text comes out of one walk that writes the JSON of each value directly: strings through json's own
+# C escaper, each registered type as the registered encoder makes it, the keys of a document once per
+# process (they repeat from one event to the next). Building the text directly rather than a JSON-
+# ready copy for the C encoder halves the cost: the copy allocated a dict per BSON value and the
+# encoder walked the whole document a second time. It follows changeflow.worker.serialization's json_ready
+# (envelope-shaped dicts escaped, Int64, Code and DBRef as their envelopes) and kombu.utils.json
+# (registered types in registration order, then bytes); anything else (a type with __json__, an
+# unknown type, a key that is not a string) goes to the real serializer, which encodes or refuses it.
+# fast_json_matches() checks the result against the real serializer once per process and the fast
+# path is only used when they agree byte for byte.
+
+
+class _NotPlain(Exception):
+    """A value the fast encoder leaves to the registered serializer."""
+
+
+def json_text(value: Any) -> str:
+    """json.dumps(value) as kombu's json serializer (+ changeflow's) makes it; raises _NotPlain for
+    what only that serializer knows how to encode or refuse."""
+    kind = type(value)
+    if kind is dict:
+        return _dict_text(value)
+    if kind is str:
+        return json_string(value)
+    encode = _encoders.get(kind)
+    if encode is None:
+        encode = _encoders[kind] = _encoder_for(kind)
+    return encode(value)
+
+
+def _dict_text(value: Mapping[Any, Any]) -> str:
+    if len(value) == 2 and "__type__" in value and "__value__" in value:
+        return _escaped_dict_text(value)  # kombu would read it as its type envelope
+    keys = _key_texts
+    parts = []
+    for key, item in value.items():
+        prefix = keys.get(key)
+        if prefix is None:
+            prefix = _key_text(key)
+        # Strings (most values) inline: a call less per value.
+        parts.append(prefix + (json_string(item) if type(item) is str else json_text(item)))
+    return "{" + ", ".join(parts) + "}"
+
+
+def _escaped_dict_text(value: Mapping[Any, Any]) -> str:
+    """worker.serialization's escape of an envelope-shaped dict: the list of its pairs, in an envelope."""
+    pairs = ["[" + json_string(key) + ", " + json_text(item) + "]" for key, item in value.items()]
+    return '{"__type__": "changeflow_dict", "__value__": [' + ", ".join(pairs) + "]}"
+
+
+def _list_text(value: Sequence[Any]) -> str:
+    items = [json_string(item) if type(item) is str else json_text(item) for item in value]
+    return "[" + ", ".join(items) + "]"
+
+
+# '"key": ' per document key, memoized: field names repeat from one event to the next. Bounded, as
+# documents may use values as keys.
+_key_texts: dict[str, str] = {}
+_KEY_TEXTS_MAX = 4096
+
+
+def _key_text(key: Any) -> str:
+    if not isinstance(key, str):
+        raise _NotPlain  # json turns some non-str keys into strings; the serializer knows which
+    text = json_string(key) + ": "
+    if len(_key_texts) < _KEY_TEXTS_MAX:
+        _key_texts[key] = text
+    return text
+
+
+def fast_body(payload: dict[str, Any]) -> str:
+    """json.dumps(([payload], {}, embed)) as the task serializer encodes it; its constant part once."""
+    return _BODY.fill((json_text(payload),))
+
+
+_encoders: dict[type, Callable[[Any], str]] = {}
+
+
+def _encoder_for(kind: type) -> Callable[[Any], str]:
+    """The function giving the JSON text of a value of `kind` (any type but dict and str)."""
+    from bson import Decimal128, Int64
+    from bson.code import Code
+    from bson.dbref import DBRef
+    from kombu.utils import json as kombu_json
+
+    if kind is int:
+        return int.__repr__
+    if kind is float:
+        return json_number  # its repr, or json's spelling of NaN and the infinities
+    if kind is bool:
+        return lambda value: "true" if value else "false"
+    if kind is type(None):
+        return lambda value: "null"
+    if issubclass(kind, dict):  # SON and other subclasses: through their items(), as json does
+        return _dict_text
+    if issubclass(kind, list | tuple):  # json encodes a tuple as a list
+        return _list_text
+    if issubclass(kind, Int64):
+        return lambda value: '{"__type__": "int64", "__value__": ' + int.__repr__(value) + "}"
+    if issubclass(kind, Code):
+        return _code_text
+    if issubclass(kind, DBRef):
+        return _dbref_text
+    if getattr(kind, "__json__", None) is not None:
+        return _refuse
+    if issubclass(kind, int | float | str):
+        return _encode  # json encodes these natively, never asking kombu's encoder
+    if kind is Decimal128:
+        return _decimal128_text
+    if issubclass(kind, Decimal128):
+        return _refuse  # json_ready's bits-or-text choice, and a __str__ of its own maybe
+    for registered, (marker, encode) in kombu_json._encoders.items():
+        if issubclass(kind, registered):
+            if marker is None:
+                return lambda value, encode=encode: json_text(encode(value))
+            return _marked(marker, encode)
+    if issubclass(kind, bytes):
+        return _bytes
+    return _refuse
+
+
+def _marked(marker: str, encode: Callable[[Any], Any]) -> Callable[[Any], str]:
+    """kombu's {"__type__": marker, "__value__": encode(value)}, as JSON text."""
+    prefix = '{"__type__": ' + json_string(marker) + ', "__value__": '
+
+    def text(value: Any) -> str:
+        encoded = encode(value)  # mostly a str (ObjectId, datetime, Decimal128)
+        return prefix + (json_string(encoded) if type(encoded) is str else json_text(encoded)) + "}"
+
+    return text
+
+
+def _code_text(value: Code) -> str:
+    """changeflow.worker.serialization's Code envelope (its scope a document like any other)."""
+    scope = "null" if value.scope is None else json_text(value.scope)
+    return (
+        '{"__type__": "bson_code", "__value__": {"code": '
+        + json_string(str(value))
+        + ', "scope": '
+        + scope
+        + "}}"
+    )
+
+
+def _dbref_text(value: DBRef) -> str:
+    """changeflow.worker.serialization's DBRef envelope: its document, written like any other."""
+    return '{"__type__": "bson_dbref", "__value__": ' + _dict_text(value.as_doc()) + "}"
+
+
+# json.dumps' encoder without its check for circular references (an id() into a dict and out again
+# per container): BSON documents cannot hold cycles. The same text otherwise.
+_encode = json.JSONEncoder(check_circular=False).encode
+
+
+def _decimal128_text(value: Decimal128) -> str:
+    """changeflow.worker.serialization's Decimal128 envelope: its text, or its bits when the text would not
+    give them back (see decimal128_has_text); the text as _decimal128_str makes it, in one pass."""
+    bits = int.from_bytes(value.bid, "little")
+    high = bits >> 64
+    coefficient = bits & D128_COEFFICIENT
+    if high & D128_SPECIAL == D128_SPECIAL or high & D128_OTHER_FORM == D128_OTHER_FORM:
+        if decimal128_has_text(value):  # NaN, Infinity, -Infinity
+            return '{"__type__": "bson_decimal128", "__value__": "' + str(value) + '"}'
+        return '{"__type__": "bson_decimal128_bid", "__value__": "' + value.bid.hex() + '"}'
+    if coefficient > D128_MAX_COEFFICIENT:
+        return '{"__type__": "bson_decimal128_bid", "__value__": "' + value.bid.hex() + '"}'
+    text = str(decimal.Decimal(f"{'-' if high >> 63 else ''}{coefficient}E{((high >> 49) & 0x3FFF) - 6176}"))
+    return '{"__type__": "bson_decimal128", "__value__": "' + text + '"}'
+
+
+def _decimal128_str(value: Decimal128) -> str:
+    """str(value), as bson's Decimal128.__str__ gives it, from one Decimal parse of its bits.
+
+    bson's to_decimal() rebuilds the coefficient byte by byte and its digits one by one, in Python
+    (5 us a value, the most expensive leaf of an order). A finite value in the canonical encoding is
+    sign * coefficient * 10**exponent, with at most 34 digits and -6176 <= exponent <= 6111: exactly
+    a decimal128 context's range, so bson's context neither rounds nor clamps it, and parsing the
+    same triple gives the same Decimal. NaN, infinities and the other encodings go to bson.
+    """
+    bits = int.from_bytes(value.bid, "little")  # the IEEE 754 BID encoding, low 64 bits first
+    high = bits >> 64
+    if high & D128_SPECIAL == D128_SPECIAL or high & D128_OTHER_FORM == D128_OTHER_FORM:
+        return str(value)
+    coefficient = bits & D128_COEFFICIENT
+    if coefficient > D128_MAX_COEFFICIENT:
+        return str(value)  # bson reads a too large coefficient as 0
+    exponent = ((high >> 49) & 0x3FFF) - 6176
+    return str(decimal.Decimal(f"{'-' if high >> 63 else ''}{coefficient}E{exponent}"))
+
+
+def _refuse(value: Any) -> str:
+    raise _NotPlain
+
+
+def _bytes(value: bytes) -> str:
+    try:
+        return '{"__type__": "bytes", "__value__": ' + json_string(value.decode("utf-8")) + "}"
+    except UnicodeDecodeError:
+        return '{"__type__": "base64", "__value__": "' + base64.b64encode(value).decode("ascii") + '"}'
+
+
+def fast_json_matches() -> bool:
+    """Whether fast_body gives what the registered json serializer gives, on every type."""
+    import datetime as dt
+
+    from bson import Binary, Decimal128, Int64, ObjectId, Timestamp
+    from bson.code import Code
+    from bson.datetime_ms import DatetimeMS
+    from bson.dbref import DBRef
+    from bson.max_key import MaxKey
+    from bson.min_key import MinKey
+    from bson.regex import Regex
+    from bson.son import SON
+
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, 678901)
+    decimals = ["1.50", "-0", "0E+6111", "-1E-6176", "9.99E+6144", "NaN", "-Infinity"]  # ends of the range
+    payload = {
+        "_id": {"_data": "8263"}, "s": "é\"x", "i": 1, "big": 2**70, "f": 1.5, "b": True, "n": None,
+        "oid": ObjectId("65a1b2c3d4e5f60718293a4b"), "dec": [Decimal128(text) for text in decimals],
+        "i64": Int64(7), "ts": Timestamp(1_700_000_000, 3), "bin": Binary(b"\x00\xff", 4), "raw": b"\xff\x00",
+        "text": b"abc", "dt": now, "dtz": now.replace(tzinfo=dt.UTC), "d": now.date(), "t": now.time(),
+        "pydec": decimal.Decimal("2.5"), "uuid": uuid.UUID(int=5), "list": [1, (2, 3), {"x": [now]}],
+        "son": SON([("b", 1), ("a", "x")]), "plain": {"k": [1, "v", None, 2.5, False]},
+        "re": Regex("^a.*", "imsux"), "code": [Code("f()"), Code("g(x)", {"x": Int64(1), "e": {}})],
+        "ref": DBRef("c", ObjectId("65a1b2c3d4e5f60718293a4b"), "db", x={"__type__": 1, "__value__": [2]}),
+        "keys": [MinKey(), MaxKey()], "dms": DatetimeMS(-(2**62)),
+        # Dicts kombu would read as its envelope, nested in each other: escaped at every level.
+        "odd": {"__value__": {"__type__": "datetime", "__value__": "2026-01-01"}, "__type__": "x"},
+    }  # fmt: skip
+    try:
+        fast = fast_body(payload)
+    except _NotPlain:
+        return False
+    _, _, reference = kombu_dumps(([payload], {}, _EMBED), serializer="json")
+    return fast == (reference.decode("utf-8") if isinstance(reference, bytes) else reference)

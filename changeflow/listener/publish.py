@@ -1,0 +1,169 @@
+"""Change events -> task messages -> the broker.
+
+`messages_for(event, routes)` builds the messages of one event (task name, task id, payload);
+a `Publisher` hands a batch of them to the broker. `CeleryPublisher` sends each message through
+the app's Celery app, so workers consume exactly what `app.send_task` produces.
+
+The `Publisher` seam is where a faster implementation plugs in later: kombu 5.7's
+`Producer.batch()` pipelines a batch of prepared messages into one Redis round trip, with the same
+message bytes; the listener would not change.
+
+Errors are split in two on purpose:
+- the broker is unavailable (`BrokerUnavailable`): transient, the whole batch is retried and the
+  checkpoint does not move;
+- one message cannot be serialized (a value that is not BSON; every BSON value is carried): permanent for that
+  event, so it is returned as a `Rejected` and dead-lettered, and the other messages go through.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import kombu.exceptions
+import redis.exceptions
+from kombu.serialization import dumps
+
+from changeflow.listener.payload import task_payload
+from changeflow.listener.routes import Route, tasks_for
+from changeflow.worker.dead_letters import record_dead_letter
+from changeflow.worker.keys import dedup_key
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from pymongo.database import Database
+
+    from changeflow.worker.settings import Settings
+
+# What a broker outage looks like from kombu/redis-py. kombu re-raises most connection errors as its
+# OperationalError; the rest are listed so none of them escapes as "unexpected".
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    kombu.exceptions.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+# A message whose payload the serializer refuses: kombu wraps serializer failures in EncodeError.
+ENCODE_ERRORS: tuple[type[BaseException], ...] = (kombu.exceptions.EncodeError, TypeError)
+
+
+class Message(NamedTuple):
+    """One task to send: `app.send_task(task_name, args=[payload], task_id=task_id)`."""
+
+    task_name: str
+    task_id: str
+    payload: dict[str, Any]
+
+
+class Rejected(NamedTuple):
+    """A message the serializer refused: permanent, to be dead-lettered."""
+
+    message: Message
+    error: str
+    traceback: str
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not accept the batch; some messages of it may have been sent already."""
+
+
+class Publisher(Protocol):
+    def publish(self, messages: Sequence[Message]) -> list[Rejected]:
+        """Send `messages`; on return, every message not returned as rejected is in the broker.
+
+        Raises BrokerUnavailable when the broker could not be reached; the caller retries the whole
+        batch (duplicates carry the same task id, which the workers' dedup guard absorbs).
+        """
+        ...
+
+
+def messages_for(event: Mapping[str, Any], routes: Iterable[Route]) -> list[Message]:
+    """The task messages for one change event, one per routed task, all sharing one payload."""
+    names = tasks_for(event, routes)
+    if not names:
+        return []
+    payload = task_payload(event)
+    return [Message(name, dedup_key(event["_id"], name), payload) for name in names]
+
+
+class CeleryPublisher:
+    """Publishes through a Celery app (the loaded changeflow app), one pooled producer per batch.
+
+    Celery's own publish retry is off: it would block the stream loop for a long time with the batch
+    half-sent. A failed publish raises after one connection attempt (bounded by Celery's
+    broker_connection_timeout), and the listener backs off and retries the batch.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app  # the shared app: same serializer and broker as the workers
+
+    def publish(self, messages: Sequence[Message]) -> list[Rejected]:
+        rejected: list[Rejected] = []
+        if not messages:
+            return rejected
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for message in messages:
+                    try:
+                        self.app.send_task(
+                            message.task_name,
+                            args=[message.payload],
+                            task_id=message.task_id,
+                            producer=producer,
+                            retry=False,
+                            add_to_parent=False,
+                        )
+                    except ENCODE_ERRORS as exc:
+                        # Serialization happens before any I/O, so the producer is still usable.
+                        rejected.append(
+                            Rejected(message, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+                        )
+        except BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
+        return rejected
+
+
+def record_unpublishable(db: Database, rejected: Rejected, serializer: str = "json") -> None:
+    """Dead-letter a message the serializer refused (reason "unpublishable")."""
+    message = rejected.message
+    # record_dead_letter logs it at ERROR.
+    record_dead_letter(
+        db,
+        task_name=message.task_name,
+        task_id=message.task_id,
+        payload=storable(message.payload, serializer),
+        error=rejected.error,
+        traceback=rejected.traceback,
+        attempts=1,
+        reason="unpublishable",
+    )
+
+
+def storable(value: Any, serializer: str = "json") -> Any:
+    """`value` with every leaf the serializer refuses replaced by its repr().
+
+    The dead letter then holds a payload that can be stored, read and replayed; the repr shows what
+    the offending value was.
+    """
+    if isinstance(value, Mapping):
+        return {key: storable(item, serializer) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(item, serializer) for item in value]
+    try:
+        dumps(value, serializer=serializer)
+    except ENCODE_ERRORS:
+        return repr(value)
+    return value
+
+
+def make_publisher(settings: Settings, app: Celery) -> Publisher:
+    """The publisher LISTENER_PUBLISHER names, sending through `app`: "pipelined" (default) or "celery"."""
+    if settings.listener_publisher == "celery":
+        return CeleryPublisher(app)
+    from changeflow.listener.pipelined import (
+        PipelinedPublisher,  # imports this module: import here, not at the top
+    )
+
+    return PipelinedPublisher(app)
