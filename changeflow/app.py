@@ -164,12 +164,12 @@ class Changeflow(Celery):
     def _register(self, fn: Callable[..., Any], task_name: str, options: dict[str, Any]) -> Task:
         unrouted = sorted(set(options) & _DESTINATION_OPTIONS)
         if unrouted:
-            # The listener publishes by task name to the app's default queue (both publishers), so a
-            # task's own destination would be ignored: workers consuming only that queue would never
-            # see the task. Refused rather than silently dropped until the publishers route per task.
+            # The listener's publishers send a task to its queue (`queue=`, see
+            # changeflow.listener.publish.task_queue); an exchange or routing key of its own would be
+            # ignored on Redis and strand the task: refused rather than silently dropped.
             raise ValueError(
-                f"task {task_name!r}: {', '.join(unrouted)}= is not supported yet: the listener publishes "
-                f"every task to the app's default queue (task_default_queue)"
+                f"task {task_name!r}: {', '.join(unrouted)}= is not supported: name the task's queue "
+                "with queue= (workers consume it with `celery -A APP worker -Q QUEUE`)"
             )
         base = options.pop("base", IdempotentTask)
         if not (isinstance(base, type) and issubclass(base, IdempotentTask)):
@@ -181,6 +181,9 @@ class Changeflow(Celery):
                 f"cannot register {fn.__module__}.{fn.__qualname__} under it (pass name=...)"
             )
         # lazy=False: the Task itself, not Celery's promise, so a stacked @app.on can recognise it.
+        # shared=False: a task belongs to its app; Celery's default would add it to every app made
+        # later in the process, where its name could then clash with that app's own task.
+        options.setdefault("shared", False)
         task: Task = self.task(name=task_name, base=base, lazy=False, **options)(fn)
         if task.run is not fn:  # Celery returns the registered task when the name was taken
             raise ValueError(f"task name {task_name!r} is already registered ({_where(task)})")
@@ -229,8 +232,8 @@ class Changeflow(Celery):
         return names
 
 
-# Task options that choose where a message goes: not honoured by the listener's publishers yet.
-_DESTINATION_OPTIONS = frozenset({"queue", "exchange", "routing_key"})
+# Task options that choose where a message goes besides `queue=`: not honoured by the publishers.
+_DESTINATION_OPTIONS = frozenset({"exchange", "routing_key"})
 
 
 def _skipped(module: str) -> bool:

@@ -168,12 +168,16 @@ def worker_process(
     concurrency: int = 2,
     log_dir: Path | None = None,
     cwd: Path | None = None,
+    queues: Sequence[str] = (),
 ) -> ManagedProcess:
-    """`celery -A <app> worker` (app: changeflow's `worker`, a test app built on it, or a team's)."""
+    """`celery -A <app> worker` (app: changeflow's `worker`, a test app built on it, or a team's);
+    `queues`: the queues it consumes (`-Q`), else Celery's default queue."""
     args = [
         "-A", app, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency),
         "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip",
     ]  # fmt: skip
+    if queues:
+        args += ["-Q", ",".join(queues)]
     return python_module(name, "celery", *args, env=env, ready=r"ready\.", log_dir=log_dir, cwd=cwd)
 
 

@@ -185,7 +185,7 @@ def run(argv: Sequence[str], app_spec: str | None = None) -> int:
         from changeflow.listener.checkpoints import CheckpointStore
         from changeflow.listener.health import HealthFile, default_path
         from changeflow.listener.lease import Lease
-        from changeflow.listener.publish import make_publisher
+        from changeflow.listener.publish import make_publisher, task_queues
         from changeflow.listener.stream import Listener
         from changeflow.worker.serialization import MONGO_CLIENT_OPTIONS
 
@@ -217,7 +217,8 @@ def run(argv: Sequence[str], app_spec: str | None = None) -> int:
             check()  # a broker URL the publisher cannot use fails now, not at the first event
         backpressure = None
         if settings.listener_max_queue_length:
-            backpressure = Backpressure(BrokerQueueLength(app), settings.listener_max_queue_length)
+            queues = task_queues(app, [name for route in app.routes for name in route.tasks])
+            backpressure = Backpressure(BrokerQueueLength(app, queues), settings.listener_max_queue_length)
         listener = Listener(
             db,
             publisher,

@@ -18,7 +18,7 @@ option or future transport kombu knows is counted as the workers see it. Message
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import redis.exceptions
@@ -79,27 +79,29 @@ class Backpressure:
 
 
 class BrokerQueueLength:
-    """Messages waiting in `app`'s default task queue, counted by kombu's transport (see the module doc).
+    """Messages waiting in `queues` (default: `app`'s default task queue), summed, as kombu's transport
+    counts them (see the module doc). The listener passes every queue its routes' tasks go to.
 
     Keeps one broker connection; after a broker error it is dropped and the error raised as
     BrokerUnavailable (the listener backs off and tries again with a new one).
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, queues: Sequence[str] | None = None) -> None:
         self.app = app
-        self.queue = app.conf.task_default_queue
+        self.queues = list(queues) if queues else [app.conf.task_default_queue]
         self._connection: Connection | None = None
 
     def __call__(self) -> int:
         try:
             if self._connection is None:
                 self._connection = self.app.connection_for_write()
-            # Declaring the default queue changes nothing on Redis (workers declare it too); the
-            # reply's count is kombu's sum over the queue's priority lists.
-            declared = self._connection.default_channel.queue_declare(
-                queue=self.queue, durable=True, auto_delete=False
+            # Declaring a queue changes nothing on Redis (workers declare it too); the reply's count
+            # is kombu's sum over the queue's priority lists.
+            channel = self._connection.default_channel
+            return sum(
+                int(channel.queue_declare(queue=queue, durable=True, auto_delete=False).message_count)
+                for queue in self.queues
             )
-            return int(declared.message_count)
         except (*BROKER_ERRORS, redis.exceptions.RedisError) as exc:
             self.close()
             raise BrokerUnavailable(f"broker unavailable (queue length): {exc}") from exc

@@ -61,7 +61,15 @@ from redis.backoff import NoBackoff
 from redis.connection import AbstractConnection
 from redis.retry import Retry
 
-from changeflow.listener.publish import BROKER_ERRORS, ENCODE_ERRORS, BrokerUnavailable, Message, Rejected
+from changeflow.listener.publish import (
+    BROKER_ERRORS,
+    ENCODE_ERRORS,
+    BrokerUnavailable,
+    CeleryPublisher,
+    Message,
+    Rejected,
+    task_queue,
+)
 from changeflow.worker.redis_conn import target_of_app
 from changeflow.worker.serialization import (
     D128_COEFFICIENT,
@@ -146,12 +154,25 @@ class PipelinedPublisher:
         self._encoding = "utf-8"  # of task bodies: the layout's, once it is read
         self._fast_json: bool | None = None  # decided on first use (see fast_json_matches)
         self._templates: dict[str, _Template] = {}
+        self._queues: dict[str, str | None] = {}  # task name -> its own queue (task_queue), read once
         # Sentinel: a batch counts as published once a replica has it too (WAIT), so a failover
         # right after cannot lose it. Set with the client.
         self._wait_replicas = False
 
     # -- the Publisher protocol ----------------------------------------------------------------
     def publish(self, messages: Sequence[Message]) -> list[Rejected]:
+        # Tasks with a queue of their own go through Celery's send_task, which routes them (queue,
+        # exchange and routing key as Celery declares them); the fast path covers the default queue.
+        queues = self._queues
+        for name in {m.task_name for m in messages} - queues.keys():
+            queues[name] = task_queue(self.app, name)
+        own_queue = [m for m in messages if queues[m.task_name] is not None]
+        if own_queue:
+            default = [m for m in messages if queues[m.task_name] is None]
+            return self._publish_default(default) + CeleryPublisher(self.app).publish(own_queue)
+        return self._publish_default(messages)
+
+    def _publish_default(self, messages: Sequence[Message]) -> list[Rejected]:
         if not messages:
             return []
         try:

@@ -88,6 +88,29 @@ def messages_for(event: Mapping[str, Any], routes: Iterable[Route]) -> list[Mess
     return [Message(name, dedup_key(event["_id"], name), payload) for name in names]
 
 
+def task_queue(app: Celery, task_name: str) -> str | None:
+    """The queue of `task_name` when it has its own (`@app.on(..., queue=...)`), else None (the default).
+
+    Celery's send_task by name does not read the registered task's options, so the publishers pass
+    its queue themselves.
+    """
+    task = app.tasks.get(task_name)
+    queue = getattr(task, "queue", None)
+    if not queue or queue == app.conf.task_default_queue:
+        return None
+    return str(queue)
+
+
+def task_queues(app: Celery, task_names: Iterable[str]) -> list[str]:
+    """Every queue these tasks are sent to: the default queue first, then the tasks' own."""
+    queues = [app.conf.task_default_queue]
+    for name in task_names:
+        queue = task_queue(app, name)
+        if queue is not None and queue not in queues:
+            queues.append(queue)
+    return queues
+
+
 class CeleryPublisher:
     """Publishes through a Celery app (the loaded changeflow app), one pooled producer per batch.
 
@@ -114,6 +137,7 @@ class CeleryPublisher:
                             producer=producer,
                             retry=False,
                             add_to_parent=False,
+                            queue=task_queue(self.app, message.task_name),
                         )
                     except ENCODE_ERRORS as exc:
                         # Serialization happens before any I/O, so the producer is still usable.

@@ -63,7 +63,8 @@ AUDIT = """
     from changeflow import FieldChanged
 
 
-    @app.on("invoices", "update", when=FieldChanged("status"), name="{package}.audit_status")
+    # A queue of its own: only the worker started with `-Q audit` runs it.
+    @app.on("invoices", "update", when=FieldChanged("status"), name="{package}.audit_status", queue="audit")
     def audit_status(event):
         record("audit_status", event)
 """
@@ -94,12 +95,14 @@ def test_a_teams_package_runs_with_dash_a(tmp_path: Path, package: str) -> None:
     pipeline = LocalPipeline(workers=0, extra_env=env).start(listener=False)  # redis, MongoDB, SMTP only
     try:
         pipeline_env = pipeline.env
+        # team1 consumes Celery's default queue, team2 only the audit task's own queue.
         workers = [
             worker_process(
-                pipeline_env, f"team{i}", app=app, concurrency=2, log_dir=pipeline.log_dir, cwd=tmp_path
+                pipeline_env, name, app=app, concurrency=2, log_dir=pipeline.log_dir, cwd=tmp_path,
+                queues=queues,
             )
-            for i in (1, 2)
-        ]
+            for name, queues in (("team1", ["celery"]), ("team2", ["audit"]))
+        ]  # fmt: skip
         listener: ManagedProcess | None = None
         try:
             for worker in workers:
@@ -160,6 +163,13 @@ def test_a_teams_package_runs_with_dash_a(tmp_path: Path, package: str) -> None:
             assert last_summary(listener) == (4, 5)  # 4 routed events (3 inserts, 1 update), 5 tasks
             assert db.effects.count_documents({}) == len(expected)
             assert effects() == expected
+            # Each task went to its queue: the audit task to team2 alone, the others to team1 alone.
+            received = [
+                re.findall(r"Task ([\w.]+)\[[0-9a-f-]+\] received", w.log_text(since_start=False))
+                for w in workers
+            ]
+            assert set(received[1]) == {f"{package}.audit_status"}, received
+            assert f"{package}.audit_status" not in received[0] and len(received[0]) == 4, received
         finally:
             for process in [listener, *workers]:
                 if process is not None:

@@ -41,6 +41,7 @@ IMPORT_ALL = """
         "imported": names,
         "team": [listener.WHO, tasks.WHO, worker.WHO],
         "files": {n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())},
+        "prefix": sys.prefix,
     }))
 """
 
@@ -92,8 +93,12 @@ def test_a_team_with_modules_named_tasks_worker_listener_keeps_them(tmp_path: Pa
     assert "changeflow.listener.stream" in report["imported"]
     assert "changeflow.testing.mongo_double.server" in report["imported"]
     assert report["team"] == ["the team's listener", "the team's tasks", "the team's worker"]
+    # The interpreter's own packages may live inside the checkout too (scripts/install.sh's .venv).
+    prefix = Path(report["prefix"])
     from_checkout = sorted(
-        name for name, path in report["files"].items() if path and Path(path).is_relative_to(REPO_ROOT)
+        name
+        for name, path in report["files"].items()
+        if path and Path(path).is_relative_to(REPO_ROOT) and not Path(path).is_relative_to(prefix)
     )
     assert from_checkout == [], f"imported from the checkout, not the built package: {from_checkout}"
     built = {name for name, path in report["files"].items() if path and Path(path).is_relative_to(lib)}

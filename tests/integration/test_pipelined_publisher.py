@@ -25,8 +25,10 @@ from celery import Celery
 from kombu.serialization import loads
 from pymongo.database import Database
 
+from changeflow import Changeflow
+from changeflow.listener.backpressure import BrokerQueueLength
 from changeflow.listener.pipelined import PipelinedPublisher
-from changeflow.listener.publish import BrokerUnavailable, messages_for
+from changeflow.listener.publish import BrokerUnavailable, CeleryPublisher, messages_for, task_queues
 from changeflow.worker.app import celery_config
 from changeflow.worker.settings import Settings
 from harness.processes import worker_process
@@ -237,3 +239,32 @@ def test_a_real_worker_runs_the_tasks(redis_server: RedisServer, mongodb_uri: st
         finally:
             worker.stop()
             app.close()
+
+
+@pytest.mark.parametrize("publisher_class", [PipelinedPublisher, CeleryPublisher])
+def test_a_task_with_its_own_queue_lands_in_that_queue(
+    redis_server: RedisServer, client: redis.Redis, publisher_class: type[Any]
+) -> None:
+    app = Changeflow("queues", settings=Settings(celery_broker_url=redis_server.url), package="")
+
+    @app.on("users", "insert", name="q.slow", queue="slow")
+    def slow(event: dict[str, Any]) -> None: ...
+
+    @app.on("users", "insert", name="q.plain")
+    def plain(event: dict[str, Any]) -> None: ...
+
+    try:
+        messages = messages_for(change_event(), app.routes)
+        assert publisher_class(app).publish(messages) == []
+        assert (client.llen("celery"), client.llen("slow")) == (1, 1)
+        slow_message = json.loads(client.lindex("slow", 0))
+        assert slow_message["headers"]["task"] == "q.slow"
+        assert json.loads(client.lindex("celery", 0))["headers"]["task"] == "q.plain"
+        # The listener's queue bound counts every queue its routes' tasks go to.
+        length = BrokerQueueLength(app, task_queues(app, ["q.plain", "q.slow"]))
+        try:
+            assert length() == 2
+        finally:
+            length.close()
+    finally:
+        app.close()

@@ -13,6 +13,7 @@ import pytest
 
 from changeflow import Changeflow, FieldChanged
 from changeflow.app import AppError, load_app
+from changeflow.listener.publish import task_queue, task_queues
 from changeflow.listener.routes import compile_match, tasks_for
 from changeflow.worker.idempotent import IdempotentTask
 from changeflow.worker.settings import Settings, SettingsError, default_app_spec
@@ -117,14 +118,30 @@ def test_task_options_pass_through_to_celery() -> None:
     assert (opts.max_retries, opts.rate_limit, opts.time_limit, opts.acks_late) == (2, "10/m", 5, True)
 
 
-def test_a_queue_of_its_own_is_refused_not_ignored() -> None:
+def test_a_queue_of_its_own_passes_through_and_the_publishers_use_it() -> None:
     app = make_app()
-    with pytest.raises(ValueError, match="queue= is not supported yet"):
 
-        @app.on("orders", "insert", name="t.slow", queue="slow")
-        def slow(event: dict[str, Any]) -> None: ...
+    @app.on("orders", "insert", name="t.slow", queue="slow")
+    def slow(event: dict[str, Any]) -> None: ...
 
-    assert "t.slow" not in app.tasks
+    @app.on("orders", "insert", name="t.plain")
+    def plain(event: dict[str, Any]) -> None: ...
+
+    assert slow.queue == "slow"
+    assert (task_queue(app, "t.slow"), task_queue(app, "t.plain")) == ("slow", None)
+    assert task_queues(app, ["t.plain", "t.slow", "t.slow"]) == [app.conf.task_default_queue, "slow"]
+
+
+def test_an_exchange_or_routing_key_of_its_own_is_refused_not_ignored() -> None:
+    app = make_app()
+    for option in ("exchange", "routing_key"):
+        refused = f"{option}= is not supported: name the task's queue with queue="
+        with pytest.raises(ValueError, match=refused):
+
+            @app.on("orders", "insert", name=f"t.{option}", **{option: "elsewhere"})
+            def elsewhere(event: dict[str, Any]) -> None: ...
+
+        assert f"t.{option}" not in app.tasks
 
 
 def test_base_must_keep_the_dedup_guard() -> None:
