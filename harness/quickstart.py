@@ -110,7 +110,7 @@ def port_taken(port: int) -> str | None:
     return None
 
 
-# What the operator commands (`python -m listener dead-letters list`, `health`, ...) need.
+# What the operator commands (`changeflow dead-letters list`, `health`, ...) need.
 OPERATOR_SETTINGS = ("MONGODB_URI", "MONGODB_DB", "CELERY_BROKER_URL", "REDIS_URL")
 
 
@@ -119,7 +119,7 @@ def print_operator_env(env: dict[str, str]) -> None:
     print("  . .venv/bin/activate")
     for name in OPERATOR_SETTINGS:
         print(f"  export {name}={shlex.quote(env[name])}")
-    print("  python -m listener dead-letters list")
+    print("  changeflow dead-letters list      # or: python -m listener dead-letters list")
 
 
 if __name__ == "__main__":
