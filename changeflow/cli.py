@@ -3,6 +3,7 @@
     changeflow listen -A acme.effects [flags]       run the listener (as `python -m listener`)
     changeflow dead-letters -A acme.effects list    failed tasks (docs/dead_letters.md)
     changeflow health | gaps | reconcile ...        as `python -m listener <command>`
+    changeflow realtime [token USER_ID]             the realtime gateway (as `python -m realtime`)
 
 `-A/--app MODULE` may go anywhere on the line; without it CHANGEFLOW_APP, else this repository's app.
 Workers are Celery's own: `celery -A acme.effects worker`.
@@ -13,14 +14,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("listen", "dead-letters", "health", "gaps", "reconcile")
+COMMANDS = ("listen", "dead-letters", "health", "gaps", "reconcile", "realtime")
 USAGE = (
-    "usage: changeflow {listen,dead-letters,health,gaps,reconcile} [-A MODULE] ...\n"
+    "usage: changeflow {listen,dead-letters,health,gaps,reconcile,realtime} [-A MODULE] ...\n"
     "  listen          run the listener for the app's routes (until SIGTERM/SIGINT)\n"
     "  dead-letters    list|show|replay|purge failed tasks\n"
     "  health          liveness/readiness from the listener's heartbeat file\n"
     "  gaps            recorded gaps of lost change stream history\n"
     "  reconcile       re-emit events for documents written in a gap\n"
+    "  realtime        the Socket.IO gateway; `realtime token USER_ID` prints a client token\n"
     "-A/--app MODULE selects the app, as celery -A does (default: CHANGEFLOW_APP, else worker).\n"
     "Each command has --help."
 )
@@ -43,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
+    if command == "realtime":  # serves no app: the tasks emit, the gateway delivers
+        from changeflow.realtime.__main__ import main as realtime_main
+
+        return realtime_main(args)
     app_args = ["-A", app_spec] if app_spec else []
     if command == "listen":
         return listener_main([*app_args, *args])

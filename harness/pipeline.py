@@ -9,6 +9,7 @@ benchmarks.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 import time
 import uuid
@@ -27,6 +28,8 @@ from harness.processes import (
     listener_process,
     mongo_double_process,
     mongo_double_uri,
+    realtime_process,
+    realtime_url,
     worker_process,
 )
 from harness.redis_sentinel import RedisSentinelGroup
@@ -50,6 +53,8 @@ class LocalPipeline:
         durable_broker: bool = False,
         redis_tls: bool = False,
         sentinel: bool = False,
+        realtime_port: int | None = None,
+        realtime_demo: bool = False,
     ) -> None:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="changeflow-run-"))
         self.worker_count = workers
@@ -65,6 +70,13 @@ class LocalPipeline:
         self.redis_tls = redis_tls
         self.use_sentinel = sentinel
         self.sentinel: RedisSentinelGroup | None = None
+        # The realtime gateway (`python -m realtime`) on this port (0: any free one), when not None;
+        # its own token secret, and the demo sign-in when asked for.
+        self.realtime_port = realtime_port
+        self.realtime_demo = realtime_demo
+        self.realtime_secret = secrets.token_urlsafe(32)
+        self.realtime: ManagedProcess | None = None
+        self.realtime_url = ""
         # A real server is shared: work in a database of our own and drop only that one.
         self.external_mongodb_uri = mongodb_uri if mongodb_uri is not None else os.environ.get("MONGODB_URI")
         self.db_name = f"changeflow_{uuid.uuid4().hex[:10]}" if self.external_mongodb_uri else "changeflow"
@@ -97,6 +109,8 @@ class LocalPipeline:
                 self.start_worker(f"worker{i + 1}")
             if self.flower_port is not None:
                 self.flower = flower_process(self.env, self.flower_port, log_dir=self.log_dir).start()
+            if self.realtime_port is not None:
+                self.start_realtime()
             if listener:
                 self.start_listener()
         except BaseException:
@@ -134,6 +148,17 @@ class LocalPipeline:
         self.listener = listener_process(self.env, *args, log_dir=self.log_dir, name=name).start()
         return self.listener
 
+    def start_realtime(self) -> ManagedProcess:
+        env = {
+            **self.env,
+            "REALTIME_SECRET": self.realtime_secret,
+            "REALTIME_PORT": str(self.realtime_port or 0),
+            "REALTIME_DEMO": "1" if self.realtime_demo else "0",
+        }
+        self.realtime = realtime_process(env, log_dir=self.log_dir).start()
+        self.realtime_url = realtime_url(self.realtime)
+        return self.realtime
+
     def start_worker(self, name: str) -> ManagedProcess:
         worker = worker_process(
             self.env, name, app=self.worker_app, concurrency=self.worker_concurrency, log_dir=self.log_dir
@@ -142,7 +167,7 @@ class LocalPipeline:
         return worker
 
     def stop(self) -> None:
-        for process in [self.listener, self.flower, *self.workers]:
+        for process in [self.listener, self.flower, self.realtime, *self.workers]:
             if process is not None:
                 process.stop()
         if self.sink is not None:
@@ -174,7 +199,7 @@ class LocalPipeline:
         """Every process log, for a failing test's message."""
         return "\n".join(
             f"===== {p.name}\n{p.log_text(since_start=False)[-3000:]}"
-            for p in [self.listener, *self.workers]
+            for p in [self.listener, *self.workers, self.realtime]
             if p is not None
         )
 

@@ -181,6 +181,21 @@ def worker_process(
     return python_module(name, "celery", *args, env=env, ready=r"ready\.", log_dir=log_dir, cwd=cwd)
 
 
+def realtime_process(
+    env: Mapping[str, str], *, log_dir: Path | None = None, name: str = "realtime"
+) -> ManagedProcess:
+    """`python -m realtime`: the Socket.IO gateway (REALTIME_* settings in `env`); its address is
+    realtime_url(process)."""
+    return python_module(name, "realtime", env=env, ready=REALTIME_READY, log_dir=log_dir)
+
+
+REALTIME_READY = r"realtime gateway ready on (http://\S+)"
+
+
+def realtime_url(process: ManagedProcess) -> str:
+    return process.wait_for_log(REALTIME_READY).group(1)
+
+
 def flower_process(env: Mapping[str, str], port: int, *, log_dir: Path | None = None) -> ManagedProcess:
     args = ["-A", "worker", "flower", f"--port={port}", "--address=127.0.0.1"]
     return python_module("flower", "celery", *args, env=env, ready=r"Visit me at|Registered", log_dir=log_dir)

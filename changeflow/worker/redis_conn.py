@@ -31,6 +31,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
+import redis.asyncio
+import redis.asyncio.sentinel
 import redis.sentinel
 
 DEFAULT_PORT = 6379
@@ -111,6 +113,19 @@ class RedisTarget:
         host, port = self.hosts[0]
         tls: dict[str, Any] = {"ssl": True, **self.tls.options()} if self.tls is not None else {}
         return redis.Redis(host=host, port=port, **auth, **tls, **options)
+
+    def async_client(self, **options: Any) -> redis.asyncio.Redis:
+        """client(), for asyncio (redis.asyncio): the realtime gateway's pub/sub subscription."""
+        auth = {"username": self.username, "password": self.password, "db": self.db}
+        if self.master_name is not None:
+            sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
+            sentinels = redis.asyncio.sentinel.Sentinel(list(self.hosts), sentinel_kwargs=sentinel_options)
+            return sentinels.master_for(self.master_name, **auth, **options)
+        if self.unix_path is not None:
+            return redis.asyncio.Redis(unix_socket_path=self.unix_path, **auth, **options)
+        host, port = self.hosts[0]
+        tls: dict[str, Any] = {"ssl": True, **self.tls.options()} if self.tls is not None else {}
+        return redis.asyncio.Redis(host=host, port=port, **auth, **tls, **options)
 
     def kombu_config(self) -> dict[str, Any]:
         """Celery's broker_url, broker_use_ssl and the transport options this target needs."""

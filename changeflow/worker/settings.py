@@ -6,6 +6,7 @@ their configuration from here, so a variable means the same thing everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -31,7 +32,11 @@ BROKER_SCHEMES = ("redis", "rediss", "sentinel")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
 MONGODB_SCHEMES = ("mongodb", "mongodb+srv")
 # The variables holding URLs that may carry a password: what scrub() hides in any text.
-URL_VARIABLES = ("MONGODB_URI", "CELERY_BROKER_URL", "REDIS_URL")
+URL_VARIABLES = ("MONGODB_URI", "CELERY_BROKER_URL", "REDIS_URL", "REALTIME_REDIS_URL")
+# Variables that are secrets as a whole: scrub() hides their values too.
+SECRET_VARIABLES = ("REALTIME_SECRET",)
+# The shortest REALTIME_SECRET the gateway accepts (what secrets.token_urlsafe(32) gives is longer).
+MIN_REALTIME_SECRET_LENGTH = 32
 # Below this a getMore on an idle stream returns at once and the listener spins on the CPU.
 MIN_MAX_AWAIT_MS = 10
 MASK = "****"
@@ -86,6 +91,10 @@ def scrub(text: str, urls: list[str] | None = None) -> str:
             text = text.replace(url, mask_url(url))
         for secret in url_secrets(url):
             text = text.replace(secret, MASK)
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name, "")
+        if value:
+            text = text.replace(value, MASK)
     return text
 
 
@@ -147,10 +156,27 @@ class Settings:
     # stops reading the change stream (the checkpoint waits) and goes on once the queue is below 90 %
     # of it; nothing is dropped (0: no bound). changeflow/listener/backpressure.py.
     listener_max_queue_length: int = 100_000
+    # Real-time notifications (changeflow/realtime/): tasks publish Socket.IO emits on this Redis's
+    # pub/sub channel (default: REDIS_URL's server), and every gateway subscribed to it delivers them.
+    realtime_redis_url: str = ""
+    realtime_channel: str = "changeflow-realtime"
+    # The gateway's address (port 0: any free port, the ready line says which).
+    realtime_host: str = "127.0.0.1"
+    realtime_port: int = 8000
+    # Signs client tokens; required by the gateway (and `changeflow realtime token`), nobody else.
+    realtime_secret: str = dataclasses.field(default="", repr=False)
+    realtime_token_ttl: int = 3600
+    # 1: the gateway's page offers a demo sign-in that hands out a token for any user id. Never in
+    # production: anyone reaching the gateway could read anyone's notifications.
+    realtime_demo: int = 0
+    # A post's followers are read in _id-ordered pages of this many (one emit per page).
+    realtime_follower_batch_size: int = 500
 
     def __post_init__(self) -> None:
         if not self.redis_url:
             object.__setattr__(self, "redis_url", self.celery_broker_url)
+        if not self.realtime_redis_url:
+            object.__setattr__(self, "realtime_redis_url", self.redis_url)
         for problem in settings_problems(self):
             raise SettingsError(problem)
 
@@ -211,6 +237,10 @@ INT_RANGES: dict[str, tuple[int, int | None]] = {
     "listener_lease_renew_seconds": (1, None),
     "listener_max_stall_seconds": (1, None),
     "listener_max_queue_length": (0, None),
+    "realtime_port": (0, 65535),
+    "realtime_token_ttl": (1, None),
+    "realtime_demo": (0, 1),
+    "realtime_follower_batch_size": (1, None),
 }
 
 
@@ -240,8 +270,16 @@ def settings_problems(settings: Settings) -> list[str]:
     problems += _mongodb_problems(s.mongodb_uri, s.mongodb_db)
     problems += _redis_url_problems("CELERY_BROKER_URL", s.celery_broker_url, BROKER_SCHEMES, s)
     problems += _redis_url_problems("REDIS_URL", s.redis_url, REDIS_SCHEMES, s)
+    if s.realtime_redis_url != s.redis_url:
+        problems += _redis_url_problems("REALTIME_REDIS_URL", s.realtime_redis_url, REDIS_SCHEMES, s)
+    if not s.realtime_channel.strip():
+        problems.append("REALTIME_CHANNEL must not be empty")
+    if not s.realtime_host.strip() or any(c.isspace() for c in s.realtime_host):
+        problems.append(f"REALTIME_HOST must be a host name or address, got {s.realtime_host!r}")
     sentinel_urls = [
-        url for url in (s.celery_broker_url, s.redis_url) if url.lower().startswith("sentinel://")
+        url
+        for url in (s.celery_broker_url, s.redis_url, s.realtime_redis_url)
+        if url.lower().startswith("sentinel://")
     ]
     if s.redis_sentinel_master and not sentinel_urls:
         problems.append(
@@ -289,6 +327,22 @@ def settings_problems(settings: Settings) -> list[str]:
             "writes its heartbeat once per getMore"
         )
     return problems
+
+
+def realtime_secret_problems(settings: Settings) -> list[str]:
+    """Why REALTIME_SECRET cannot sign tokens (the gateway refuses to start); never shows the value."""
+    secret = settings.realtime_secret
+    hint = "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    if not secret:
+        return [
+            f"REALTIME_SECRET must be set: the realtime gateway signs client tokens with it ({hint})"
+        ]
+    if len(secret) < MIN_REALTIME_SECRET_LENGTH:
+        return [
+            f"REALTIME_SECRET is too short ({len(secret)} characters): at least "
+            f"{MIN_REALTIME_SECRET_LENGTH} ({hint})"
+        ]
+    return []
 
 
 def _mongodb_problems(uri: str, db: str) -> list[str]:
