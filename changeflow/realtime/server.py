@@ -107,7 +107,8 @@ def create_gateway(
             user_id = read_token(token_of(auth), secret, ttl)
         except InvalidToken as exc:
             log.info("refused a connection from %s: %s", _peer(environ), exc)
-            raise ConnectionRefusedError(str(exc)) from None
+            # python-socketio's ConnectionRefusedError tells the client why (the builtin's: a generic text).
+            raise socketio.exceptions.ConnectionRefusedError(str(exc)) from None
         await sio.enter_room(sid, user_room(user_id))
         log.info("user %s connected (%s)", user_id, sid)
 
