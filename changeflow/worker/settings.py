@@ -334,9 +334,7 @@ def realtime_secret_problems(settings: Settings) -> list[str]:
     secret = settings.realtime_secret
     hint = "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
     if not secret:
-        return [
-            f"REALTIME_SECRET must be set: the realtime gateway signs client tokens with it ({hint})"
-        ]
+        return [f"REALTIME_SECRET must be set: the realtime gateway signs client tokens with it ({hint})"]
     if len(secret) < MIN_REALTIME_SECRET_LENGTH:
         return [
             f"REALTIME_SECRET is too short ({len(secret)} characters): at least "

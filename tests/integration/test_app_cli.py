@@ -116,6 +116,6 @@ def test_changeflow_app_sets_the_default(apps: Path) -> None:
 def test_changeflow_without_a_command_prints_its_usage(apps: Path) -> None:
     result = run(["-m", "changeflow"], apps)
     assert result.returncode == 2
-    assert "usage: changeflow {listen,dead-letters,health,gaps,reconcile}" in result.stderr
+    assert "usage: changeflow {listen,dead-letters,health,gaps,reconcile,realtime}" in result.stderr
     result = run(["-m", "changeflow", "bogus"], apps)
     assert (result.returncode, "unknown command 'bogus'" in result.stderr) == (2, True)

@@ -118,13 +118,14 @@ def test_match_is_one_clause_per_route() -> None:
             status_changed,
         ]
     }
-    # The repository's app: the card's three kinds of event, one clause per declared route.
+    # The repository's app: the card's three kinds of event and posts, one clause per declared route.
     clauses = compile_match(ROUTES)["$or"]
-    assert len(clauses) == len(ROUTES) == 5
+    assert len(clauses) == len(ROUTES) == 6
     assert {repr(c) for c in clauses} == {
         repr({"ns.coll": "users", "operationType": {"$in": ["insert"]}}),
         repr({"ns.coll": "orders", "operationType": {"$in": ["insert"]}}),
         repr(status_changed),
+        repr({"ns.coll": "posts", "operationType": {"$in": ["insert"]}}),
     }
 
 
