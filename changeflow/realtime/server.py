@@ -5,7 +5,8 @@
     task --emit--> Redis channel --> every gateway (AsyncRedisManager) --> the room's clients
 
 Any number of gateways can run: each subscribes to REALTIME_CHANNEL and delivers the emits to its own
-clients. HTTP besides Socket.IO (default path /socket.io/): `/` the page (static/), `/health`, and,
+clients. HTTP besides Socket.IO (default path /socket.io/): `/` the page (static/), `/health` (200
+while subscribed to the channel, else 503), and,
 with REALTIME_DEMO=1 only, the demo sign-in `/demo/users` and `/demo/login`.
 """
 
@@ -124,7 +125,7 @@ def create_gateway(
             manager.initialize()
 
     users = demo_users or _users_from_mongodb
-    http = _http_app(settings, users)
+    http = _http_app(settings, users, manager.subscribed.is_set)
     static = {
         path: {"filename": str(STATIC / name), "content_type": kind}
         for path, (name, kind) in PAGE_FILES.items()
@@ -147,7 +148,7 @@ def _users_from_mongodb() -> list[dict[str, str]]:
 
 
 def _http_app(
-    settings: Settings, demo_users: Callable[[], list[dict[str, str]]]
+    settings: Settings, demo_users: Callable[[], list[dict[str, str]]], subscribed: Callable[[], bool]
 ) -> Callable[..., Awaitable[None]]:
     """The gateway's HTTP endpoints other than the page and Socket.IO."""
     demo = settings.realtime_demo == 1
@@ -157,7 +158,10 @@ def _http_app(
             return
         method, path = scope["method"], scope["path"]
         if path == "/health" and method == "GET":
-            return await _reply(send, 200, {"status": "ok"})
+            # Unhealthy while not subscribed to the channel (Redis away): emits would not arrive.
+            if subscribed():
+                return await _reply(send, 200, {"status": "ok"})
+            return await _reply(send, 503, {"status": "not subscribed to Redis"})
         if demo and path == "/demo/users" and method == "GET":
             try:
                 users = await asyncio.to_thread(demo_users)

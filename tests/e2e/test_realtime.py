@@ -4,8 +4,11 @@ and real Socket.IO clients (python-socketio). Users, followers and posts are wri
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +60,19 @@ def pipeline() -> Iterator[LocalPipeline]:
     env = {"REALTIME_FOLLOWER_BATCH_SIZE": "2"}
     with LocalPipeline(workers=1, realtime_port=0, extra_env=env) as running:
         yield running
+
+
+def test_without_the_demo_switch_the_gateway_hands_out_no_token(pipeline: LocalPipeline) -> None:
+    url = pipeline.realtime_url
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as health:
+        assert (health.status, json.load(health)) == (200, {"status": "ok"})
+    with urllib.request.urlopen(f"{url}/", timeout=10) as page:
+        assert b"live notifications" in page.read()
+    login = urllib.request.Request(f"{url}/demo/login", data=b'{"user_id": "u1"}', method="POST")
+    for request in (login, f"{url}/demo/users"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 404
 
 
 def test_the_author_and_followers_are_told_live_and_nobody_else(pipeline: LocalPipeline) -> None:
