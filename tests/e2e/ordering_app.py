@@ -4,7 +4,8 @@ Both tasks email the order's status for each insert and status change of `orders
 0-ORDERING_MAX_LATENCY_MS ms delay, and fail transiently (before sending) with probability
 ORDERING_FAILURE_RATE, so the guard retries them. `notify_ordered` is declared `ordered_by=True`
 (per document key); `notify_unordered` is not. The subject says which, the order and the status.
-Latency and failure rate are read from the environment when a task runs (defaults 20 ms, 0.1).
+Latency and failure rate are read from the environment when a task runs (defaults 20 ms, 0.1);
+ORDERING_DEAD_STATUS names a status whose ordered notification fails permanently (a dead letter).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from email.message import EmailMessage
 from typing import Any
 
 from changeflow import Changeflow, FieldChanged, current_key
-from changeflow.worker.errors import TransientTaskError
+from changeflow.worker.errors import PermanentTaskError, TransientTaskError
 from changeflow.worker.settings import get_settings
 
 app = Changeflow("ordering_app", package=__name__)
@@ -30,6 +31,8 @@ def _notify(label: str, event: dict[str, Any]) -> None:
     # The status this event set (fullDocument is looked up later and may be a newer one).
     updated = (event.get("updateDescription") or {}).get("updatedFields") or {}
     status = updated.get("status") or (event["fullDocument"] or {}).get("status")
+    if label == "ordered" and status == os.environ.get("ORDERING_DEAD_STATUS"):
+        raise PermanentTaskError(f"injected permanent failure for {status}")
     message = EmailMessage()
     message["From"] = "changeflow <no-reply@example.test>"
     message["To"] = "customer@example.test"

@@ -96,3 +96,53 @@ def test_ordered_tasks_arrive_in_commit_order_per_order() -> None:
         for process in processes:
             process.stop()
         pipeline.stop()
+
+
+def test_a_dead_letter_lets_its_key_move_on_and_names_the_tasks_that_ran_past_it() -> None:
+    """Every order's "paid" notification fails permanently: its dead letter lists "shipped" and
+    "delivered" (published before any worker ran, so still pending then), which then run, in order."""
+    env = {"ORDERING_MAX_LATENCY_MS": "5", "ORDERING_FAILURE_RATE": "0", "ORDERING_DEAD_STATUS": "paid"}
+    pipeline = LocalPipeline(workers=0, extra_env=env).start(listener=False)
+    processes = []
+    try:
+        processes.append(
+            listener_process(pipeline.env, "-A", APP, log_dir=pipeline.log_dir).start(timeout=60)
+        )
+        ids = [ObjectId() for _ in range(5)]
+        for order_id in ids:
+            pipeline.db.orders.insert_one({"_id": order_id, "status": "pending"})
+            for status in STATUSES[1:]:
+                pipeline.db.orders.update_one({"_id": order_id}, {"$set": {"status": status}})
+        client = pipeline.redis_client()
+        tasks = 2 * len(ids) * len(STATUSES)
+        assert wait_until(lambda: client.llen("celery") == tasks, timeout=60), client.llen("celery")
+        client.close()
+        for name in ("ordw1", "ordw2"):
+            worker = worker_process(pipeline.env, name, app=APP, concurrency=2, log_dir=pipeline.log_dir)
+            processes.append(worker.start(timeout=90))
+        sink = pipeline.sink
+        assert sink is not None
+        expected = tasks - len(ids)  # every email but the ordered "paid" ones
+        assert wait_until(lambda: len(sink.messages) >= expected, timeout=120), pipeline.logs()
+        letters = pipeline.db.changeflow_dead_letters
+        assert wait_until(lambda: letters.count_documents({}) == len(ids), timeout=30)
+        time.sleep(1)
+        assert len(sink.messages) == expected
+        ordered, arrived = inversions(sink.messages, "ordered")
+        assert ordered == 0
+        assert all(statuses == ["pending", "shipped", "delivered"] for statuses in arrived.values()), arrived
+        for letter in letters.find():
+            assert letter["task"] == "ordering_app.notify_ordered" and letter["reason"] == "permanent"
+            ordering = letter["ordering"]
+            assert ordering["ran_past_count"] == 2 and len(ordering["ran_past"]) == 2
+            ran_past_ids = {
+                str(m["Message-ID"]).strip("<>").split("@")[0]
+                for m in sink.messages
+                if str(m["Subject"]).startswith(f"ordered {letter['payload']['documentKey']['_id']} ")
+                and not str(m["Subject"]).endswith(" pending")
+            }
+            assert set(ordering["ran_past"]) == ran_past_ids  # shipped and delivered: their task ids
+    finally:
+        for process in processes:
+            process.stop()
+        pipeline.stop()
