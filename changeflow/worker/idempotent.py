@@ -269,8 +269,9 @@ class IdempotentTask(Task):
 
     def _parked(self, order: Order, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Pass the key's gate, or park this message behind its head (True: parked, to be acked)."""
-        message = park_message(self.name, key, args, kwargs, order)
-        found = OrderBook(get_dedup_store().client).gate(self.name, order, message)
+        found = OrderBook.of(get_dedup_store().client).gate(
+            self.name, order, lambda: park_message(self.name, key, args, kwargs, order)
+        )
         if found is Gate.PARKED:
             log.info("parked %s %s: an earlier task of key %s has not ended", self.name, key, order.key)
             return True
@@ -280,7 +281,7 @@ class IdempotentTask(Task):
         """Move the key past this task; publish the new head's parked message (before this one's ack)."""
         if order is None:
             return
-        advanced = OrderBook(get_dedup_store().client).advance(self.name, order)
+        advanced = OrderBook.of(get_dedup_store().client).advance(self.name, order)
         if advanced.parked is None:
             return
         parked = unpark_message(advanced.parked)
@@ -362,7 +363,7 @@ class IdempotentTask(Task):
         payload = args[0] if len(args) == 1 and isinstance(args[0], Mapping) else {"args": args, **kwargs}
         extra = None
         if order is not None:
-            members, count = OrderBook(get_dedup_store().client).pending(self.name, order)
+            members, count = OrderBook.of(get_dedup_store().client).pending(self.name, order)
             extra = {
                 "ordering": {
                     "key": order.key,

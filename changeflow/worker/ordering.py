@@ -15,7 +15,7 @@ Keys, both deleted by Redis when they empty (all scores are 0, so a set orders b
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import redis
@@ -30,7 +30,9 @@ PARKED_PREFIX = "changeflow:parked:"
 RAN_PAST_LIMIT = 100
 
 # 0: not in the set (finished already, or the set was lost): run; 1: the head: run (and drop a parked
-# copy of itself); 2: not the head: parked. One script, so no head can finish between look and park.
+# copy of itself); 2: not the head: parked; 3: not the head, and no message given (ARGV[2] empty): call
+# again with it. One script, so no head can finish between look and park; the message is only built
+# (serialized) when the cheap first call says it must be parked.
 _GATE = """
 if not redis.call('zscore', KEYS[1], ARGV[1]) then return 0 end
 local head = redis.call('zrange', KEYS[1], 0, 0)[1]
@@ -38,6 +40,7 @@ if head == ARGV[1] then
   redis.call('hdel', KEYS[2], ARGV[1])
   return 1
 end
+if ARGV[2] == '' then return 3 end
 redis.call('hset', KEYS[2], ARGV[1], ARGV[2])
 return 2
 """
@@ -67,6 +70,7 @@ class Gate(enum.Enum):
     RUN = 0  # not waiting in the set (finished before, or the set is gone): the guard decides
     HEAD = 1  # first of its key: run
     PARKED = 2  # an earlier task of the key has not ended: stored, to be published again by it
+    MUST_PARK = 3  # as PARKED, but no message was given: nothing stored, call again with it
 
 
 class Advanced(NamedTuple):
@@ -74,6 +78,9 @@ class Advanced(NamedTuple):
 
     head: str | None
     parked: bytes | None
+
+
+_last: list[OrderBook] = []
 
 
 def queue_key(task_name: str, key: str) -> str:
@@ -97,6 +104,15 @@ class OrderBook:
         self._advance = client.register_script(_ADVANCE)
 
     @classmethod
+    def of(cls, client: redis.Redis) -> OrderBook:
+        """The book on `client`, made once per client (the worker's dedup store client)."""
+        book = _last[0] if _last else None
+        if book is None or book.client is not client:
+            book = cls(client)
+            _last[:] = [book]  # one slot: the dedup store's client changes only on a reset
+        return book
+
+    @classmethod
     def from_settings(cls, settings: Settings) -> OrderBook:
         # The dedup store's Redis: one place holds both what is done and what may run.
         return cls(settings.redis_target("redis_url").client(socket_timeout=10, socket_connect_timeout=5))
@@ -114,8 +130,19 @@ class OrderBook:
         pipe.execute()
         return sum(len(m) for m in by_set.values())
 
-    def gate(self, task_name: str, order: Order, parked_message: bytes) -> Gate:
-        """Run now, or park `parked_message` behind the key's head (atomic)."""
+    def gate(self, task_name: str, order: Order, parked_message: bytes | Callable[[], bytes]) -> Gate:
+        """Run now, or park the message behind the key's head (atomic); RUN, HEAD or PARKED.
+
+        `parked_message` may be a function making it: called only when the message must be parked.
+        """
+        if callable(parked_message):
+            found = self._gate_once(task_name, order, b"")
+            if found is not Gate.MUST_PARK:
+                return found
+            parked_message = parked_message()
+        return self._gate_once(task_name, order, parked_message)
+
+    def _gate_once(self, task_name: str, order: Order, parked_message: bytes) -> Gate:
         found = self._gate(
             keys=[queue_key(task_name, order.key), parked_key(task_name, order.key)],
             args=[order.member, parked_message],

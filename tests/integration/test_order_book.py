@@ -140,3 +140,18 @@ def test_park_and_advance_race_never_strands_a_message(redis_server: RedisServer
     finally:
         for c in clients:
             c.close()
+
+
+def test_the_message_is_only_made_when_it_must_be_parked(book: OrderBook) -> None:
+    made: list[str] = []
+
+    def message(member: str) -> bytes:
+        made.append(member)
+        return f"m{member}".encode()
+
+    book.register([(TASK, order("8201")), (TASK, order("8202"))])
+    assert book.gate(TASK, order("8201"), lambda: message("8201")) is Gate.HEAD
+    assert book.gate(TASK, order("8202"), lambda: message("8202")) is Gate.PARKED
+    assert made == ["8202"]
+    assert book.parked(TASK, KEY) == {"8202": b"m8202"}
+    assert OrderBook.of(book.client) is OrderBook.of(book.client)
