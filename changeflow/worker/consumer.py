@@ -22,6 +22,7 @@ from kombu.message import Message
 
 from changeflow.worker.dead_letters import record_dead_letter, undecodable_payload
 from changeflow.worker.mongo import get_db
+from changeflow.worker.ordering import KEY_HEADER
 from changeflow.worker.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ class Consumer(CeleryConsumer):
             else:
                 message.reject(requeue=True)
             return
-        _advance_past(self.app, task_name, headers)
+        if KEY_HEADER in headers:  # an ordered task's message
+            _advance_past(self.app, task_name, headers)
         message.ack()
 
     def stop(self) -> None:
@@ -110,7 +112,7 @@ def _advance_past(app: Any, task_name: str, headers: Any) -> None:
     """An undecodable ordered message is a dead letter: its key moves on past it (docs/ordering.md)."""
     from changeflow.worker.dedup import get_dedup_store
     from changeflow.worker.idempotent import unpark_message
-    from changeflow.worker.ordering import KEY_HEADER, MEMBER_HEADER, Order, OrderBook
+    from changeflow.worker.ordering import MEMBER_HEADER, Order, OrderBook
 
     key, member = headers.get(KEY_HEADER), headers.get(MEMBER_HEADER)
     if not (isinstance(key, str) and isinstance(member, str) and key and member):
