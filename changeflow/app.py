@@ -111,6 +111,7 @@ class Changeflow(Celery):
         when: FieldChanged | None = None,
         match: Mapping[str, Any] | None = None,
         name: str | None = None,
+        ordered_by: bool | str | None = None,
         **task_options: Any,
     ) -> Callable[[Callable[..., Any] | Task], Task]:
         """Register the function as a task behind the dedup guard and route these events to it.
@@ -118,6 +119,8 @@ class Changeflow(Celery):
         Stacked decorators add routes to the same task; its name and task options go on the
         innermost one. `name` defaults to Celery's naming (`module.function`); a name already taken
         raises. `task_options` pass through to Celery (`max_retries`, `rate_limit`, `queue`, ...).
+        `ordered_by` ("documentKey", True for it, or a payload field path) runs the task's messages
+        one at a time per key, in stream order (docs/ordering.md); it is the task's, for all its routes.
         """
 
         def decorator(target: Callable[..., Any] | Task) -> Task:
@@ -132,11 +135,16 @@ class Changeflow(Celery):
                         f"task options for {task.name!r} go on the innermost @app.on, "
                         f"got {sorted(task_options)} on an outer one"
                     )
-                self.route(collection, operation_types, task.name, when=when, match=match)
+                self.route(
+                    collection, operation_types, task.name, when=when, match=match, ordered_by=ordered_by
+                )
                 return task
             task_name = name or self.gen_task_name(target.__name__, target.__module__)
             # The route first: a bad route must not leave a registered task behind.
-            route = Route(collection, operation_types, [task_name], when=when, match_query=match)
+            route = Route(
+                collection, operation_types, [task_name], when=when, match_query=match, ordered_by=ordered_by
+            )
+            self._check_ordering(route)
             task = self._register(target, task_name, task_options)
             self._routes.append(route)
             return task
@@ -151,15 +159,29 @@ class Changeflow(Celery):
         *,
         when: FieldChanged | None = None,
         match: Mapping[str, Any] | None = None,
+        ordered_by: bool | str | None = None,
     ) -> Route:
         """Route these events to `task_name`, a task this app has or will have once discovered.
 
         Checked when the app is loaded (`route_problems`): the listener and the worker refuse a
         route to a task the app does not have.
         """
-        route = Route(collection, operation_types, [task_name], when=when, match_query=match)
+        route = Route(
+            collection, operation_types, [task_name], when=when, match_query=match, ordered_by=ordered_by
+        )
+        self._check_ordering(route)
         self._routes.append(route)
         return route
+
+    def _check_ordering(self, route: Route) -> None:
+        """A task has one ordering: routes to it must not name different `ordered_by` paths."""
+        for other in self._routes:
+            for task_name in set(route.tasks) & set(other.tasks):
+                if route.ordered_by and other.ordered_by and route.ordered_by != other.ordered_by:
+                    raise ValueError(
+                        f"task {task_name!r} is ordered_by {other.ordered_by!r} already, "
+                        f"another route names {route.ordered_by!r}"
+                    )
 
     def _register(self, fn: Callable[..., Any], task_name: str, options: dict[str, Any]) -> Task:
         unrouted = sorted(set(options) & _DESTINATION_OPTIONS)

@@ -224,7 +224,11 @@ def send_welcome_email(event: dict[str, Any]) -> None:
     send(welcome_email(user, key=current_key(), mail_from=get_settings().mail_from))
 
 
-@app.on("orders", "update", when=FieldChanged("status"), name="tasks.send_shipping_notification")
+# ordered_by=True: one order's notifications run one at a time in commit order ("shipped" before
+# "delivered"), different orders in parallel (docs/ordering.md).
+@app.on(
+    "orders", "update", when=FieldChanged("status"), name="tasks.send_shipping_notification", ordered_by=True
+)
 def send_shipping_notification(event: dict[str, Any]) -> None:
     """Tell the order's user it shipped / was delivered; other status changes send nothing."""
     status = new_status(event)

@@ -70,6 +70,7 @@ from changeflow.listener.publish import (
     Rejected,
     task_queue,
 )
+from changeflow.worker.ordering import Order, order_headers
 from changeflow.worker.redis_conn import target_of_app
 from changeflow.worker.serialization import (
     D128_COEFFICIENT,
@@ -154,6 +155,7 @@ class PipelinedPublisher:
         self._encoding = "utf-8"  # of task bodies: the layout's, once it is read
         self._fast_json: bool | None = None  # decided on first use (see fast_json_matches)
         self._templates: dict[str, _Template] = {}
+        self._ordered_templates: dict[str, _Template] = {}  # with the ordering headers' holes
         self._queues: dict[str, str | None] = {}  # task name -> its own queue (task_queue), read once
         # Sentinel: a batch counts as published once a replica has it too (WAIT), so a failover
         # right after cannot lose it. Set with the client.
@@ -212,9 +214,20 @@ class PipelinedPublisher:
                 if message.payload is not shared:
                     body, argsrepr = self._body(message.payload), json_string(self._argsrepr(message.payload))
                     shared = message.payload
-                template = templates.get(message.task_name) or self._template(layout, message.task_name)
+                order = message.order
                 task_id = json_string(message.task_id)
-                envelope = template.envelope.fill((task_id, argsrepr, body, json_string(delivery_tag())))
+                if order is None:
+                    template = templates.get(message.task_name) or self._template(layout, message.task_name)
+                    envelope = template.envelope.fill((task_id, argsrepr, body, json_string(delivery_tag())))
+                else:
+                    # An ordered task: its key and member in the headers, as send_task(headers=...) adds them.
+                    template = self._ordered_templates.get(message.task_name) or self._template(
+                        layout, message.task_name, ordered=True
+                    )
+                    envelope = template.envelope.fill(
+                        (task_id, argsrepr, body, json_string(delivery_tag()),
+                         json_string(order.key), json_string(order.member))
+                    )  # fmt: skip
                 event = None
                 if template.sent_event is not None:
                     # Clock and timestamp per message, as Celery's dispatcher gives each event its own
@@ -276,8 +289,9 @@ class PipelinedPublisher:
             )
         return summary_argsrepr(payload)
 
-    def _template(self, layout: _Layout, task_name: str) -> _Template:
-        template = self._templates[task_name] = _Template.of(self.app, layout, task_name)
+    def _template(self, layout: _Layout, task_name: str, *, ordered: bool = False) -> _Template:
+        template = _Template.of(self.app, layout, task_name, ordered=ordered)
+        (self._ordered_templates if ordered else self._templates)[task_name] = template
         return template
 
     def _events_message(self, layout: _Layout, events: list[str]) -> str:
@@ -448,6 +462,7 @@ class _Template:
     """
 
     ENVELOPE_HOLES = ("task_id", "argsrepr", "body", "delivery_tag")
+    ORDERED_HOLES = ("order_key", "order_member")  # after ENVELOPE_HOLES, for an ordered task
     EVENT_HOLES = ("task_id", "argsrepr", "utcoffset", "clock", "timestamp")
 
     def __init__(self, envelope: _JsonHoles, sent_event: _JsonHoles | None) -> None:
@@ -455,7 +470,7 @@ class _Template:
         self.sent_event = sent_event
 
     @classmethod
-    def of(cls, app: Celery, layout: _Layout, task_name: str) -> _Template:
+    def of(cls, app: Celery, layout: _Layout, task_name: str, *, ordered: bool = False) -> _Template:
         hole = _JsonHoles.hole
         headers, properties, _, sent_fields = app.amqp.as_task_v2(
             hole("task_id"),
@@ -468,6 +483,11 @@ class _Template:
             create_sent_event=layout.sent_events,
             ignore_result=None,  # what send_task passes when the task is not given ignore_result
         )
+        holes = cls.ENVELOPE_HOLES
+        if ordered:
+            # send_task(headers=...) updates the message headers after as_task_v2: same place here.
+            headers.update(order_headers(Order(hole("order_key"), hole("order_member"))))
+            holes = holes + cls.ORDERED_HOLES
         # What kombu's producer and the Redis channel add (Channel.prepare_message,
         # _inplace_augment_message), for the default exchange and a priority-0 message.
         properties["delivery_mode"] = 2  # persistent: the default delivery mode of task queues
@@ -499,7 +519,7 @@ class _Template:
                 timestamp=hole("timestamp"),
             )
             sent_event = _JsonHoles.of(event, cls.EVENT_HOLES)
-        return cls(_JsonHoles.of(envelope, cls.ENVELOPE_HOLES), sent_event)
+        return cls(_JsonHoles.of(envelope, holes), sent_event)
 
 
 _NOTHING = object()

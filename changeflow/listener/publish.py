@@ -25,10 +25,12 @@ import kombu.exceptions
 import redis.exceptions
 from kombu.serialization import dumps
 
+from changeflow.listener.ordering import OrderingPublisher, order_for
 from changeflow.listener.payload import task_payload
 from changeflow.listener.routes import Route, tasks_for
 from changeflow.worker.dead_letters import record_dead_letter
 from changeflow.worker.keys import dedup_key
+from changeflow.worker.ordering import Order, OrderBook, order_headers
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -50,19 +52,26 @@ ENCODE_ERRORS: tuple[type[BaseException], ...] = (kombu.exceptions.EncodeError, 
 
 
 class Message(NamedTuple):
-    """One task to send: `app.send_task(task_name, args=[payload], task_id=task_id)`."""
+    """One task to send: `app.send_task(task_name, args=[payload], task_id=task_id)`.
+
+    `order` (a task declared with `ordered_by`, whose path is `ordered_by`): its key and member,
+    sent as message headers (changeflow/worker/ordering.py); a key of "" means the event has none.
+    """
 
     task_name: str
     task_id: str
     payload: dict[str, Any]
+    order: Order | None = None
+    ordered_by: str | None = None
 
 
 class Rejected(NamedTuple):
-    """A message the serializer refused: permanent, to be dead-lettered."""
+    """A message the serializer refused (or without an ordering key): permanent, to be dead-lettered."""
 
     message: Message
     error: str
     traceback: str
+    reason: str = "unpublishable"
 
 
 class BrokerUnavailable(Exception):
@@ -79,13 +88,24 @@ class Publisher(Protocol):
         ...
 
 
-def messages_for(event: Mapping[str, Any], routes: Iterable[Route]) -> list[Message]:
-    """The task messages for one change event, one per routed task, all sharing one payload."""
+def messages_for(event: Mapping[str, Any], routes: Iterable[Route], *, ordered: bool = True) -> list[Message]:
+    """The task messages for one change event, one per routed task, all sharing one payload.
+
+    A task some route declares `ordered_by` gets the event's Order (unless `ordered=False`: synthetic
+    events of `reconcile` have no place in the stream's order).
+    """
+    routes = tuple(routes)
     names = tasks_for(event, routes)
     if not names:
         return []
     payload = task_payload(event)
-    return [Message(name, dedup_key(event["_id"], name), payload) for name in names]
+    paths = {name: r.ordered_by for r in routes if r.ordered_by for name in r.tasks} if ordered else {}
+    messages = []
+    for name in names:
+        path = paths.get(name)
+        order = order_for(payload, path) if path is not None else None
+        messages.append(Message(name, dedup_key(event["_id"], name), payload, order, path))
+    return messages
 
 
 def task_queue(app: Celery, task_name: str) -> str | None:
@@ -138,6 +158,7 @@ class CeleryPublisher:
                             retry=False,
                             add_to_parent=False,
                             queue=task_queue(self.app, message.task_name),
+                            headers=order_headers(message.order) if message.order else None,
                         )
                     except ENCODE_ERRORS as exc:
                         # Serialization happens before any I/O, so the producer is still usable.
@@ -150,7 +171,7 @@ class CeleryPublisher:
 
 
 def record_unpublishable(db: Database, rejected: Rejected, serializer: str = "json") -> None:
-    """Dead-letter a message the serializer refused (reason "unpublishable")."""
+    """Dead-letter a message the serializer refused ("unpublishable") or without a key ("unorderable")."""
     message = rejected.message
     # record_dead_letter logs it at ERROR.
     record_dead_letter(
@@ -161,7 +182,7 @@ def record_unpublishable(db: Database, rejected: Rejected, serializer: str = "js
         error=rejected.error,
         traceback=rejected.traceback,
         attempts=1,
-        reason="unpublishable",
+        reason=rejected.reason,
     )
 
 
@@ -184,10 +205,17 @@ def storable(value: Any, serializer: str = "json") -> Any:
 
 def make_publisher(settings: Settings, app: Celery) -> Publisher:
     """The publisher LISTENER_PUBLISHER names, sending through `app`: "pipelined" (default) or "celery"."""
+    publisher: Publisher
     if settings.listener_publisher == "celery":
-        return CeleryPublisher(app)
-    from changeflow.listener.pipelined import (
-        PipelinedPublisher,  # imports this module: import here, not at the top
-    )
+        publisher = CeleryPublisher(app)
+    else:
+        from changeflow.listener.pipelined import (
+            PipelinedPublisher,  # imports this module: import here, not at the top
+        )
 
-    return PipelinedPublisher(app)
+        publisher = PipelinedPublisher(app)
+    routes = getattr(app, "routes", ())
+    if any(route.ordered_by for route in routes):
+        # Ordered tasks' members go into their sets before the batch is published (both publishers).
+        return OrderingPublisher(publisher, OrderBook.from_settings(settings))
+    return publisher

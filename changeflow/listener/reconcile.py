@@ -146,7 +146,7 @@ def synthetic_events(
                     continue
                 created.add(key)
                 event = _event(db.name, name, doc, "insert", f"reconcile:{name}:{key}", when)
-                if messages := messages_for(event, routes):
+                if messages := messages_for(event, routes, ordered=False):
                     yield Synthetic(event, messages)
         for route in updates:
             field = route.changed_at
@@ -169,7 +169,7 @@ def synthetic_events(
                     "removedFields": [],
                     "truncatedArrays": [],
                 }
-                if messages := messages_for(event, routes):
+                if messages := messages_for(event, routes, ordered=False):
                     yield Synthetic(event, messages)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from changeflow.listener.matching import check_query, query_matches
+from changeflow.listener.ordering import ordering_path
 
 # Operation types a FieldChanged condition can be evaluated on: the others carry neither a
 # fullDocument nor an updateDescription.
@@ -79,6 +80,9 @@ class Route:
     when: FieldChanged | None = None
     changed_at: str | None = None
     match_query: Mapping[str, Any] | None = None
+    # The path whose value orders the routed tasks per key ("documentKey" or a payload field path;
+    # changeflow/listener/ordering.py), or None: unordered.
+    ordered_by: str | bool | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence (a list reads fine in a route table) but store tuples: routes are
@@ -99,11 +103,12 @@ class Route:
                 self.when.match_for(operation_type)  # raises for operation types it cannot judge
         if self.match_query is not None:
             check_query(self.match_query)
+        object.__setattr__(self, "ordered_by", ordering_path(self.ordered_by))
 
     def __hash__(self) -> int:
         # match_query is a dict (unhashable): hash by its repr, as the rest of the route is hashed.
         return hash((self.collection, self.operation_types, self.tasks, self.when, self.changed_at,
-                     repr(self.match_query)))  # fmt: skip
+                     repr(self.match_query), self.ordered_by))  # fmt: skip
 
     def match(self) -> dict[str, Any]:
         """This route's part of the server-side $match."""

@@ -22,6 +22,7 @@ from kombu.message import Message
 
 from changeflow.worker.dead_letters import record_dead_letter, undecodable_payload
 from changeflow.worker.mongo import get_db
+from changeflow.worker.ordering import KEY_HEADER
 from changeflow.worker.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class Consumer(CeleryConsumer):
             else:
                 message.reject(requeue=True)
             return
+        if KEY_HEADER in headers:  # an ordered task's message
+            _advance_past(self.app, task_name, headers)
         message.ack()
 
     def stop(self) -> None:
@@ -103,3 +106,26 @@ class Consumer(CeleryConsumer):
     def shutdown(self) -> None:
         self._flush_pending_events()
         super().shutdown()
+
+
+def _advance_past(app: Any, task_name: str, headers: Any) -> None:
+    """An undecodable ordered message is a dead letter: its key moves on past it (docs/ordering.md)."""
+    from changeflow.worker.dedup import get_dedup_store
+    from changeflow.worker.idempotent import unpark_message
+    from changeflow.worker.ordering import MEMBER_HEADER, Order, OrderBook
+
+    key, member = headers.get(KEY_HEADER), headers.get(MEMBER_HEADER)
+    if not (isinstance(key, str) and isinstance(member, str) and key and member):
+        return
+    try:
+        advanced = OrderBook.of(get_dedup_store().client).advance(task_name, Order(key, member))
+        if advanced.parked is not None:
+            parked = unpark_message(advanced.parked)
+            app.send_task(
+                parked["task"], args=parked["args"], kwargs=parked["kwargs"], task_id=parked["id"],
+                headers=parked["headers"], queue=getattr(app.tasks.get(parked["task"]), "queue", None),
+            )  # fmt: skip
+    except Exception:
+        logger.exception(
+            "could not advance key %r of %s past an undecodable message: it waits", key, task_name
+        )

@@ -16,7 +16,7 @@ from typing import Any
 from pymongo.database import Database
 
 COLLECTION = "changeflow_dead_letters"
-REASONS = frozenset({"permanent", "retries_exhausted", "unpublishable", "undecodable"})
+REASONS = frozenset({"permanent", "retries_exhausted", "unpublishable", "undecodable", "unorderable"})
 TRACEBACK_LINES = 20
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,16 @@ def record_dead_letter(
     traceback: str | None,
     attempts: int,
     reason: str,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Store (or update) the dead letter of `task_id`, and log it at ERROR.
 
     reason: "permanent" (retrying cannot help), "retries_exhausted" (a transient error outlasted
     TASK_RETRY_FOR_SECONDS, or TASK_MAX_RETRIES when set), "unpublishable" (the listener could not
     serialize the event's payload), "undecodable" (the worker could not decode the task message; see
-    `undecodable_payload`). Raises what MongoDB raises: the caller must keep the task.
+    `undecodable_payload`), "unorderable" (an ordered task's event has no value at its `ordered_by`
+    path). `extra` adds fields (an ordered task's `ordering`: its key and the tasks that ran past
+    it). Raises what MongoDB raises: the caller must keep the task.
     """
     if reason not in REASONS:
         raise ValueError(f"unknown dead-letter reason {reason!r}; expected one of {sorted(REASONS)}")
@@ -63,6 +66,7 @@ def record_dead_letter(
                 "traceback": traceback_summary(traceback),
                 "attempts": attempts,
                 "last_failed_at": now,
+                **(extra or {}),
             },
             "$setOnInsert": {"first_failed_at": now},
         },

@@ -28,6 +28,11 @@ The key is the Celery task id, which the listener sets to `dedup_key(event["_id"
                              If MongoDB refuses it, a copy of the message (same id) is published to
                              run again after RETRY_BACKOFF_MAX s (its retry count starts again).
 
+An ordered task (`ordered_by`; its message carries the ordering headers, changeflow/worker/ordering.py)
+first passes the key's gate: not the key's head -> parked (stored in Redis, acked, no effect); when
+the head ends (done, duplicate, skip, dead letter) the guard advances the key and publishes the new
+head's parked message before its own is acked. Retries keep the head in place. docs/ordering.md.
+
 The time of the first attempt travels with the retries in the message header `changeflow_first_attempt`
 (Celery copies a request's custom headers into its retry messages).
 """
@@ -46,11 +51,14 @@ from typing import Any
 from billiard.einfo import ExceptionInfo
 from celery import Task, current_task
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
+from kombu.serialization import dumps, loads
 
 from changeflow.worker.dead_letters import record_dead_letter
 from changeflow.worker.dedup import Claim, DedupStore, get_dedup_store
-from changeflow.worker.errors import Skip, is_transient
+from changeflow.worker.errors import Skip, TransientTaskError, is_transient
+from changeflow.worker.keys import dedup_key
 from changeflow.worker.mongo import get_db
+from changeflow.worker.ordering import KEY_HEADER, MEMBER_HEADER, Gate, Order, OrderBook, order_headers
 from changeflow.worker.retry import lease_retry_delay, may_retry, retry_delay
 from changeflow.worker.settings import get_settings
 
@@ -118,8 +126,9 @@ class IdempotentTask(Task):
             error = f"{type(exc).__name__}: {exc}"
             try:
                 self._dead_letter(
-                    request.id, args, kwargs, error, traceback.format_exc(), request.retries + 1, reason
-                )
+                    request.id, args, kwargs, error, traceback.format_exc(), request.retries + 1, reason,
+                    request_order(request),
+                )  # fmt: skip
             except Exception:
                 if request.is_eager:
                     # apply(): no message to lose, the caller gets the failure (and would loop here).
@@ -130,6 +139,15 @@ class IdempotentTask(Task):
                     self.name, request.id, reason, error,
                 )  # fmt: skip
                 raise self._hand_back(exc, first) from exc
+            order = request_order(request)
+            if order is not None:
+                try:
+                    self._advance(order)  # the key moves on past its dead letter
+                except Exception as advance_exc:
+                    log.exception(
+                        "%s %s: could not advance its key past the dead letter", self.name, request.id
+                    )
+                    raise self._hand_back(advance_exc, first) from exc
             raise
 
     def on_failure(
@@ -142,9 +160,11 @@ class IdempotentTask(Task):
         limit = exc.args[0] if exc.args else get_settings().task_time_limit
         error = f"TimeLimitExceeded: hard time limit ({limit}s) exceeded, the pool process was killed"
         args, kwargs = tuple(args or ()), kwargs or {}
+        # The request (and its headers) is not at hand here: the order comes from the payload.
+        order = self._payload_order(args)
         try:
             # The retry count died with the process: 1 is a lower bound.
-            self._dead_letter(task_id, args, kwargs, error, None, 1, "permanent")
+            self._dead_letter(task_id, args, kwargs, error, None, 1, "permanent", order)
         except Exception:
             # The message is acked after this: publish a copy (same id) instead of losing the task.
             delay = get_settings().retry_backoff_max
@@ -153,9 +173,19 @@ class IdempotentTask(Task):
                 self.name, task_id, error, delay,
             )  # fmt: skip
             try:
-                self.apply_async(args=args, kwargs=kwargs, task_id=task_id, countdown=delay)
+                headers = order_headers(order) if order is not None else None
+                self.apply_async(args=args, kwargs=kwargs, task_id=task_id, countdown=delay, headers=headers)
             except Exception:
                 log.exception("the broker refused the copy of %s %s too: it is lost", self.name, task_id)
+            return
+        if order is not None:
+            try:
+                self._advance(order)
+            except Exception:
+                log.exception(
+                    "%s %s: could not advance its key past the dead letter; key %r waits (docs/ordering.md)",
+                    self.name, task_id, order.key,
+                )  # fmt: skip
 
     def _may_retry(self, first: float) -> bool:
         settings = get_settings()
@@ -194,14 +224,24 @@ class IdempotentTask(Task):
             "TASK_RETRY_FOR_SECONDS (%s: %s); a later duplicate delivery would repeat the effect",
             self.name, key, type(cause).__name__, cause,
         )  # fmt: skip
+        order = request_order(self.request)
+        if order is not None:
+            try:
+                self._advance(order)  # the effect happened: the key moves on
+            except Exception:
+                log.exception("%s %s: could not advance key %r (docs/ordering.md)", self.name, key, order.key)
         return None
 
     def _run_once(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         store = get_dedup_store()
+        order = request_order(self.request)
+        if order is not None and self._parked(order, key, args, kwargs):
+            return None
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         claim = store.claim(key, owner)
         if claim is Claim.DONE:
             log.info("duplicate %s %s", self.name, key)
+            self._advance(order)  # idempotent: a redelivered head may have died before it advanced
             return None
         if claim is Claim.BUSY:
             raise self._retry_while_leased(key, args, kwargs)
@@ -210,18 +250,67 @@ class IdempotentTask(Task):
             # An earlier delivery ran the body; only its done record is missing. Never run it again.
             self._mark_done(store, key, owner, str(recorded_effect))
             log.info("done record stored %s %s (the effect happened on an earlier delivery)", self.name, key)
+            self._advance(order)
             return None
         try:
             result = self.run(*args, **kwargs)
         except Skip as skip:
             self._mark_done(store, key, owner, "skipped")
             log.info("skip %s %s: %s", self.name, key, skip)
+            self._advance(order)
             return None
         except BaseException:
             self._release(store, key, owner)
             raise
         self._mark_done(store, key, owner, "ok")
+        # An error here is transient (Redis, the broker): the retry finds the key done and advances.
+        self._advance(order)
         return result
+
+    def _parked(self, order: Order, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Pass the key's gate, or park this message behind its head (True: parked, to be acked)."""
+        found = OrderBook.of(get_dedup_store().client).gate(
+            self.name, order, lambda: park_message(self.name, key, args, kwargs, order)
+        )
+        if found is Gate.PARKED:
+            log.info("parked %s %s: an earlier task of key %s has not ended", self.name, key, order.key)
+            return True
+        return False
+
+    def _advance(self, order: Order | None) -> None:
+        """Move the key past this task; publish the new head's parked message (before this one's ack)."""
+        if order is None:
+            return
+        advanced = OrderBook.of(get_dedup_store().client).advance(self.name, order)
+        if advanced.parked is None:
+            return
+        parked = unpark_message(advanced.parked)
+        try:
+            self.apply_async(
+                args=parked["args"], kwargs=parked["kwargs"], task_id=parked["id"], headers=parked["headers"]
+            )
+        except Exception as exc:
+            # Not acked yet: the retry (or redelivery) finds this task done and advances again.
+            raise TransientTaskError(
+                f"could not publish {parked['id']}, next of key {order.key}: {exc}"
+            ) from exc
+        log.info("released %s %s: next of key %s", parked["task"], parked["id"], order.key)
+
+    def _payload_order(self, args: tuple[Any, ...]) -> Order | None:
+        """The order of a message from its payload and this task's `ordered_by` (no headers at hand)."""
+        path = next(
+            (r.ordered_by for r in getattr(self.app, "routes", ()) if self.name in r.tasks and r.ordered_by),
+            None,
+        )
+        payload = args[0] if len(args) == 1 and isinstance(args[0], Mapping) else None
+        if path is None or payload is None:
+            return None
+        from changeflow.listener.ordering import order_key
+
+        key = order_key(payload, path)
+        token = payload.get("_id")
+        member = token.get("_data") if isinstance(token, Mapping) else None
+        return Order(key, member) if key and isinstance(member, str) else None
 
     def _mark_done(self, store: DedupStore, key: str, owner: str, outcome: str) -> None:
         try:
@@ -265,9 +354,25 @@ class IdempotentTask(Task):
         trace: str | None,
         attempts: int,
         reason: str,
+        order: Order | None = None,
     ) -> None:
-        """Store the dead letter; raises what MongoDB raised (the caller must not lose the task)."""
+        """Store the dead letter; raises what MongoDB raised (the caller must not lose the task).
+
+        An ordered task's dead letter says which later tasks of its key run past it.
+        """
         payload = args[0] if len(args) == 1 and isinstance(args[0], Mapping) else {"args": args, **kwargs}
+        extra = None
+        if order is not None:
+            members, count = OrderBook.of(get_dedup_store().client).pending(self.name, order)
+            extra = {
+                "ordering": {
+                    "key": order.key,
+                    "member": order.member,
+                    "ran_past": [dedup_key({"_data": m}, self.name) for m in members],
+                    "ran_past_members": members,
+                    "ran_past_count": count,
+                }
+            }
         record_dead_letter(
             get_db(),
             task_name=self.name,
@@ -277,7 +382,36 @@ class IdempotentTask(Task):
             traceback=trace,
             attempts=attempts,
             reason=reason,
+            extra=extra,
         )
+
+
+def request_order(request: Any) -> Order | None:
+    """The running message's order (its ordering headers), or None: an unordered task."""
+    key, member = header(request, KEY_HEADER), header(request, MEMBER_HEADER)
+    if isinstance(key, str) and isinstance(member, str) and key and member:
+        return Order(key, member)
+    return None
+
+
+def park_message(task_name: str, task_id: str, args: Any, kwargs: Any, order: Order) -> bytes:
+    """What a parked message keeps to be published again: name, id, arguments, ordering headers."""
+    _, _, data = dumps(
+        {
+            "task": task_name,
+            "id": task_id,
+            "args": list(args),
+            "kwargs": dict(kwargs),
+            "headers": order_headers(order),
+        },
+        serializer="json",  # kombu's, with the BSON types registered: the payload's types survive
+    )
+    return data.encode("utf-8") if isinstance(data, str) else data
+
+
+def unpark_message(data: bytes) -> dict[str, Any]:
+    message: dict[str, Any] = loads(data, "application/json", "utf-8")
+    return message
 
 
 def current_key() -> str:

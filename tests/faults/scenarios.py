@@ -897,6 +897,79 @@ def sentinel_failover(options: Options, result: Result) -> None:
             )
 
 
+# -- 11. ordered shipping emails, a worker SIGKILLed mid-run ----------------------------------------
+
+
+SHIPPING_SUBJECT = re.compile(r"order (\S+) (has shipped|has been delivered)")
+
+
+def shipping_inversions(messages: list[Any]) -> tuple[int, int]:
+    """("delivered" emails that arrived before their order's "shipped" one, orders with both).
+
+    Only each Message-ID's first arrival counts: a redelivered copy is the doubled-emails column's.
+    """
+    seen: set[str] = set()
+    first: dict[str, list[str]] = {}
+    for message in messages:
+        mid = str(message["Message-ID"])
+        found = SHIPPING_SUBJECT.search(str(message["Subject"]))
+        if found is None or mid in seen:
+            continue
+        seen.add(mid)
+        first.setdefault(found.group(1), []).append(found.group(2))
+    both = [s for s in first.values() if len(s) == 2]
+    return sum(1 for s in both if s[0] == "has been delivered"), len(both)
+
+
+def ordered_worker_killed(options: Options, result: Result) -> None:
+    """tasks.send_shipping_notification is ordered per order: worker1 is SIGKILLed (main and pool
+    processes) at a random moment of the writes and restarted; the tasks it held come back after the
+    visibility timeout, its parked ones were in Redis all along."""
+    rng = random.Random(options.seed * 1000 + 11)
+    work = standard_workload(result)
+    with pipeline(result, options, worker_app=FAULT_WORKER, extra_env=FAST_REDELIVERY) as p:
+        victim = p.workers[0]
+        writer = Writer(p.db, workload_writes(work), duration=6.0).begin()
+        time.sleep(rng.uniform(1.5, 4.0))
+        at = writer.elapsed()
+        victim.kill()
+        killed_at = time.monotonic()
+        log = victim.log_text()
+        received = set(re.findall(r"Task [\w.]+\[([0-9a-f-]+)\] received", log))
+        in_flight = received - set(re.findall(r"Task [\w.]+\[([0-9a-f-]+)\] succeeded", log))
+        victim.start(timeout=60)
+        writer.finish()
+        effects = settle(p, result, Expected.of(work), since=max(killed_at, writer.finished_at))
+        assert p.sink is not None
+        inverted, pairs = shipping_inversions(p.sink.messages)
+        result.check(
+            "0 inversions: every order's 'shipped' email arrived before its 'delivered' one",
+            inverted == 0 and pairs > 0,
+            f"{inverted} of {pairs} orders inverted",
+        )
+        doubled = doubled_keys(effects)
+        result.check(
+            "doubled emails only of tasks the killed worker had in flight (the README's crash window)",
+            doubled <= in_flight,
+            f"doubled outside it: {sorted(doubled - in_flight)}",
+        )
+        client = p.redis_client()
+        waiting = [k.decode() for k in client.scan_iter("changeflow:order:*")]
+        parked = [k.decode() for k in client.scan_iter("changeflow:parked:*")]
+        client.close()
+        result.check(
+            "no key left waiting (ordering sets and parked messages empty)",
+            not waiting and not parked,
+            f"{len(waiting)} sets, {len(parked)} parked hashes left",
+        )
+        check_clean(result, effects)
+        result.notes.append(
+            f"worker1 SIGKILLed {at:.1f} s into the writes (seed {options.seed}) with {len(in_flight)} "
+            f"task(s) received and unfinished; {pairs} orders mailed shipped + delivered, {inverted} "
+            f"inverted; {len(doubled)} email(s) doubled"
+        )
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(1, "listener SIGKILLed 5x, restarted", listener_killed),
     Scenario(2, "worker SIGKILLed mid-task", worker_killed),
@@ -908,6 +981,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(8, "SMTP outage (60 s, > old retry budget)", smtp_outage),
     Scenario(9, "worker outage hits the queue bound", queue_bound),
     Scenario(10, "Sentinel failover (master SIGKILLed)", sentinel_failover),
+    Scenario(11, "ordered emails, worker SIGKILLed", ordered_worker_killed),
 )
 
 
