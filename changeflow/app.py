@@ -110,10 +110,13 @@ class Changeflow(Celery):
         *,
         when: FieldChanged | None = None,
         match: Mapping[str, Any] | None = None,
+        pre_images: bool = False,
         name: str | None = None,
         **task_options: Any,
     ) -> Callable[[Callable[..., Any] | Task], Task]:
         """Register the function as a task behind the dedup guard and route these events to it.
+
+        `pre_images=True`: the events carry `fullDocumentBeforeChange` (changeflow.listener.routes.Route).
 
         Stacked decorators add routes to the same task; its name and task options go on the
         innermost one. `name` defaults to Celery's naming (`module.function`); a name already taken
@@ -132,11 +135,15 @@ class Changeflow(Celery):
                         f"task options for {task.name!r} go on the innermost @app.on, "
                         f"got {sorted(task_options)} on an outer one"
                     )
-                self.route(collection, operation_types, task.name, when=when, match=match)
+                self.route(
+                    collection, operation_types, task.name, when=when, match=match, pre_images=pre_images
+                )
                 return task
             task_name = name or self.gen_task_name(target.__name__, target.__module__)
             # The route first: a bad route must not leave a registered task behind.
-            route = Route(collection, operation_types, [task_name], when=when, match_query=match)
+            route = Route(
+                collection, operation_types, [task_name], when=when, match_query=match, pre_images=pre_images
+            )
             task = self._register(target, task_name, task_options)
             self._routes.append(route)
             return task
@@ -151,13 +158,16 @@ class Changeflow(Celery):
         *,
         when: FieldChanged | None = None,
         match: Mapping[str, Any] | None = None,
+        pre_images: bool = False,
     ) -> Route:
         """Route these events to `task_name`, a task this app has or will have once discovered.
 
         Checked when the app is loaded (`route_problems`): the listener and the worker refuse a
         route to a task the app does not have.
         """
-        route = Route(collection, operation_types, [task_name], when=when, match_query=match)
+        route = Route(
+            collection, operation_types, [task_name], when=when, match_query=match, pre_images=pre_images
+        )
         self._routes.append(route)
         return route
 
