@@ -11,6 +11,8 @@
   (updatedFields, removedFields, truncatedArrays: the change itself, not the document after it),
   absent for a delete.
 - `timestamp`: the change's clusterTime, a BSON Timestamp (the commit's position in the oplog).
+  An insert re-emitted by `python -m listener reconcile` (lost history) has none: its entry has
+  `timestamp` null and `reconciled: true` (null sorts first, as an aggregate's insert does).
 
 An aggregate's history in commit order: `find({aggregateId: X}).sort([("timestamp", 1), ("eventId", 1)])`,
 served by the index {aggregateId: 1, timestamp: 1, eventId: 1}. The changes of one transaction share
@@ -33,6 +35,7 @@ from tasks.indexes import ensure_index
 
 COLLECTION = "event_store"
 OPERATIONS = ("insert", "update", "replace", "delete")
+RECONCILED_PREFIX = "reconcile:"  # the ids of events `python -m listener reconcile` makes
 # The order an aggregate's events are read in (see the module docstring).
 HISTORY_ORDER: list[tuple[str, int]] = [("aggregateId", 1), ("timestamp", 1), ("eventId", 1)]
 
@@ -52,17 +55,20 @@ def store_entry(event: Mapping[str, Any]) -> dict[str, Any]:
     if operation not in OPERATIONS:
         raise PermanentTaskError(f"no event_store entry for operationType {operation!r}")
     cluster_time = event.get("clusterTime")
-    if not isinstance(cluster_time, Timestamp):
-        raise PermanentTaskError(f"change event without a clusterTime Timestamp: {cluster_time!r}")
     identifier = event_id(event)
+    reconciled = identifier.startswith(RECONCILED_PREFIX)
+    if not isinstance(cluster_time, Timestamp) and not reconciled:
+        raise PermanentTaskError(f"change event without a clusterTime Timestamp: {cluster_time!r}")
     entry: dict[str, Any] = {
         "_id": identifier,
         "eventId": identifier,
         "eventType": operation,
         "aggregateType": (event.get("ns") or {}).get("coll"),
         "aggregateId": event["documentKey"]["_id"],
-        "timestamp": cluster_time,
+        "timestamp": cluster_time if isinstance(cluster_time, Timestamp) else None,
     }
+    if reconciled:
+        entry["reconciled"] = True
     if operation in ("insert", "replace"):
         entry["eventData"] = event.get("fullDocument")
     elif operation == "update":

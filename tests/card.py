@@ -24,3 +24,12 @@ def card_routes() -> tuple[Route, ...]:
     from worker import app
 
     return tuple(route for route in app.routes if set(route.tasks) <= CARD_TASKS)
+
+
+def user_insert_tasks() -> list[str]:
+    """The tasks this repository's app sends for a users insert, in route order (the whole app)."""
+    from changeflow.listener.routes import tasks_for
+    from worker import app
+
+    event = {"operationType": "insert", "ns": {"db": "app", "coll": "users"}, "fullDocument": {"_id": 1}}
+    return tasks_for(event, app.routes)

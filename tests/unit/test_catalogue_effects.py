@@ -105,6 +105,13 @@ def test_a_replace_stores_the_replacement_and_a_delete_no_data() -> None:
     assert deleted["aggregateId"] == 5
 
 
+def test_a_reconciled_insert_is_stored_without_a_cluster_time() -> None:
+    event = change("users", "insert", 4, token="reconcile:users:4", fullDocument={"_id": 4})
+    del event["clusterTime"]
+    entry = store_entry(event)
+    assert (entry["eventId"], entry["timestamp"], entry["reconciled"]) == ("reconcile:users:4", None, True)
+
+
 @pytest.mark.parametrize(
     ("fields", "says"),
     [
