@@ -110,11 +110,14 @@ class Changeflow(Celery):
         *,
         when: FieldChanged | None = None,
         match: Mapping[str, Any] | None = None,
+        pre_images: bool = False,
         name: str | None = None,
         ordered_by: bool | str | None = None,
         **task_options: Any,
     ) -> Callable[[Callable[..., Any] | Task], Task]:
         """Register the function as a task behind the dedup guard and route these events to it.
+
+        `pre_images=True`: the events carry `fullDocumentBeforeChange` (changeflow.listener.routes.Route).
 
         Stacked decorators add routes to the same task; its name and task options go on the
         innermost one. `name` defaults to Celery's naming (`module.function`); a name already taken
@@ -136,13 +139,25 @@ class Changeflow(Celery):
                         f"got {sorted(task_options)} on an outer one"
                     )
                 self.route(
-                    collection, operation_types, task.name, when=when, match=match, ordered_by=ordered_by
+                    collection,
+                    operation_types,
+                    task.name,
+                    when=when,
+                    match=match,
+                    ordered_by=ordered_by,
+                    pre_images=pre_images,
                 )
                 return task
             task_name = name or self.gen_task_name(target.__name__, target.__module__)
             # The route first: a bad route must not leave a registered task behind.
             route = Route(
-                collection, operation_types, [task_name], when=when, match_query=match, ordered_by=ordered_by
+                collection,
+                operation_types,
+                [task_name],
+                when=when,
+                match_query=match,
+                ordered_by=ordered_by,
+                pre_images=pre_images,
             )
             self._check_ordering(route)
             task = self._register(target, task_name, task_options)
@@ -160,6 +175,7 @@ class Changeflow(Celery):
         when: FieldChanged | None = None,
         match: Mapping[str, Any] | None = None,
         ordered_by: bool | str | None = None,
+        pre_images: bool = False,
     ) -> Route:
         """Route these events to `task_name`, a task this app has or will have once discovered.
 
@@ -167,7 +183,13 @@ class Changeflow(Celery):
         route to a task the app does not have.
         """
         route = Route(
-            collection, operation_types, [task_name], when=when, match_query=match, ordered_by=ordered_by
+            collection,
+            operation_types,
+            [task_name],
+            when=when,
+            match_query=match,
+            ordered_by=ordered_by,
+            pre_images=pre_images,
         )
         self._check_ordering(route)
         self._routes.append(route)

@@ -16,6 +16,8 @@ PAYLOAD_FIELDS: tuple[str, ...] = (
     "updateDescription",
     "clusterTime",
     "wallTime",
+    # Only when a route asked for pre-images (Route.pre_images): the document before the change.
+    "fullDocumentBeforeChange",
 )
 
 

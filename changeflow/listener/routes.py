@@ -24,6 +24,8 @@ from changeflow.listener.ordering import ordering_path
 # fullDocument nor an updateDescription.
 _DOCUMENT_OPERATIONS = ("insert", "replace")
 _UPDATE_OPERATIONS = ("update",)
+# Operation types whose events carry fullDocumentBeforeChange when the stream asks for it.
+PRE_IMAGE_OPERATIONS = ("update", "replace", "delete")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ class Route:
     """Send `tasks` for `operation_types` events on `collection` (when `when` holds and the event
     satisfies the query `match`, if given).
 
+    `pre_images=True`: the route's tasks need the document as it was before the change: the listener
+    then opens its stream with `fullDocumentBeforeChange: whenAvailable` and enables pre-images on
+    the collection at start-up (changeflow/listener/pre_images.py); the payload of an update,
+    replace or delete then carries `fullDocumentBeforeChange` (null when MongoDB kept none).
+
     `changed_at` (optional) names a top-level date field the application sets when it writes a
     document in a way this route cares about (the creation time for an insert route, e.g. an
     `updated_at` or `status_changed_at` for an update route). Only `python -m listener reconcile`
@@ -83,6 +90,7 @@ class Route:
     # The path whose value orders the routed tasks per key ("documentKey" or a payload field path;
     # changeflow/listener/ordering.py), or None: unordered.
     ordered_by: str | bool | None = None
+    pre_images: bool = False
 
     def __post_init__(self) -> None:
         # Accept any sequence (a list reads fine in a route table) but store tuples: routes are
@@ -104,11 +112,16 @@ class Route:
         if self.match_query is not None:
             check_query(self.match_query)
         object.__setattr__(self, "ordered_by", ordering_path(self.ordered_by))
+        if self.pre_images and not set(self.operation_types) & set(PRE_IMAGE_OPERATIONS):
+            raise ValueError(
+                f"route on {self.collection!r} {list(self.operation_types)}: pre_images=True needs an "
+                f"operation that has a pre-image ({', '.join(PRE_IMAGE_OPERATIONS)})"
+            )
 
     def __hash__(self) -> int:
         # match_query is a dict (unhashable): hash by its repr, as the rest of the route is hashed.
         return hash((self.collection, self.operation_types, self.tasks, self.when, self.changed_at,
-                     repr(self.match_query), self.ordered_by))  # fmt: skip
+                     repr(self.match_query), self.ordered_by, self.pre_images))  # fmt: skip
 
     def match(self) -> dict[str, Any]:
         """This route's part of the server-side $match."""

@@ -18,6 +18,9 @@ Failures:
   13): no retry can succeed until an operator fixes MONGODB_URI or the user's roles, so the listener
   stops with the exit code of configuration errors (2), saying so in one line (URI masked).
 - Another non-resumable error: stop with a distinct exit code.
+- Pre-images (routes with `pre_images=True`): enabled on their collections when the listener becomes
+  active, and asked of the stream (changeflow/listener/pre_images.py); MongoDB refusing the collMod
+  stops the listener with exit code 2, naming the collection and the command.
 - Backpressure (`backpressure`, changeflow/listener/backpressure.py): while the broker's queue holds
   LISTENER_MAX_QUEUE_LENGTH messages or more, the loop reads nothing (the checkpoint stays before the
   unread events) and looks again with a growing wait, renewing its lease and heartbeat, until the
@@ -55,6 +58,7 @@ from pymongo.change_stream import ChangeStream
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
+from changeflow.listener import pre_images
 from changeflow.listener.backoff import Backoff
 from changeflow.listener.backpressure import Backpressure, next_wait
 from changeflow.listener.checkpoints import CheckpointStore, FencedOut, ResumeToken
@@ -64,6 +68,7 @@ from changeflow.listener.gaps import COLLECTION as GAPS_COLLECTION
 from changeflow.listener.gaps import GapStore
 from changeflow.listener.health import HealthFile
 from changeflow.listener.lease import Lease, LeaseLost, server_clock
+from changeflow.listener.pre_images import PreImagesRefused
 from changeflow.listener.publish import (
     BrokerUnavailable,
     Message,
@@ -194,6 +199,9 @@ class Listener:
         self.backpressure = backpressure
         self.stream_name = self.settings.listener_stream_name
         self.pipeline = [{"$match": compile_match(self.routes)}]  # fails early on an empty route table
+        # Collections whose routes need pre-images: enabled once active, then asked of the stream.
+        self.pre_image_collections = pre_images.collections_needing_pre_images(self.routes)
+        self._pre_images_enabled = not self.pre_image_collections
         self.stats = Stats()
         # Set while the stream is open (and a starting checkpoint saved) in the active role: from
         # then on, every change is delivered. Cleared when a lease is lost.
@@ -246,7 +254,7 @@ class Listener:
                     self._step_down(exc)
             log.info("listener stopped (was %s)", self.role)
             return EXIT_OK
-        except AccessDenied as exc:
+        except (AccessDenied, PreImagesRefused) as exc:
             log.error("%s; exiting with code %d", exc, EXIT_USAGE)
             return EXIT_USAGE
         finally:
@@ -318,6 +326,7 @@ class Listener:
             try:
                 self._keep_lease()  # before anything is published: a stalled process finds out here
                 if not loaded:  # inside the loop: MongoDB may be unreachable at start, too
+                    self._enable_pre_images()
                     self._load_checkpoint()
                     loaded = True
                 self._deliver_pending()  # a batch left over from a broker outage goes first
@@ -364,10 +373,21 @@ class Listener:
         else:
             log.info("resuming stream %s after checkpoint %s", self.stream_name, _show(self._saved))
 
+    def _enable_pre_images(self) -> None:
+        """collMod the collections whose routes need pre-images (once per process; pre_images.py)."""
+        if self._pre_images_enabled:
+            return
+        pre_images.enable(self.db, self.pre_image_collections, is_resumable)  # PreImagesRefused: exit 2
+        self._pre_images_enabled = True
+
     def _open(self) -> ChangeStream[Any]:
         self._fragments.reset()  # the stream starts before any event it holds a part of
+        before: dict[str, Any] = {}
+        if self.pre_image_collections:
+            before["full_document_before_change"] = pre_images.STREAM_OPTION
         return self.db.watch(
             self._watch_pipeline(),
+            **before,
             full_document="updateLookup",
             start_after=self._position,  # None: start now (see the module docstring for why not resume_after)
             max_await_time_ms=self.settings.listener_max_await_ms,

@@ -32,7 +32,13 @@ BROKER_SCHEMES = ("redis", "rediss", "sentinel")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
 MONGODB_SCHEMES = ("mongodb", "mongodb+srv")
 # The variables holding URLs that may carry a password: what scrub() hides in any text.
-URL_VARIABLES = ("MONGODB_URI", "CELERY_BROKER_URL", "REDIS_URL", "REALTIME_REDIS_URL")
+URL_VARIABLES = (
+    "MONGODB_URI",
+    "CELERY_BROKER_URL",
+    "REDIS_URL",
+    "REALTIME_REDIS_URL",
+    "CACHE_REDIS_URL",
+)
 # Variables that are secrets as a whole: scrub() hides their values too.
 SECRET_VARIABLES = ("REALTIME_SECRET",)
 # The shortest REALTIME_SECRET the gateway accepts (what secrets.token_urlsafe(32) gives is longer).
@@ -107,6 +113,8 @@ class Settings:
     # Redis: the Celery broker, and the dedup store (defaults to the broker's server).
     celery_broker_url: str = "redis://localhost:6379/0"
     redis_url: str = ""
+    # The application's cache, whose user keys tasks.invalidate_user_cache deletes (defaults to REDIS_URL).
+    cache_redis_url: str = ""
     # Redis Sentinel: the master's name, required when a URL above is sentinel://host:port;... (the
     # URL forms, TLS parameters included, are in changeflow/worker/redis_conn.py).
     redis_sentinel_master: str = ""
@@ -177,6 +185,8 @@ class Settings:
             object.__setattr__(self, "redis_url", self.celery_broker_url)
         if not self.realtime_redis_url:
             object.__setattr__(self, "realtime_redis_url", self.redis_url)
+        if not self.cache_redis_url:
+            object.__setattr__(self, "cache_redis_url", self.redis_url)
         for problem in settings_problems(self):
             raise SettingsError(problem)
 
@@ -190,7 +200,8 @@ class Settings:
         return span
 
     def redis_target(self, name: str = "celery_broker_url") -> RedisTarget:
-        """The Redis that CELERY_BROKER_URL or REDIS_URL (`name`) points at, TLS and Sentinel included."""
+        """The Redis that CELERY_BROKER_URL, REDIS_URL or CACHE_REDIS_URL (`name`) points at, TLS and
+        Sentinel included."""
         try:
             return parse_redis_url(
                 getattr(self, name), master_name=self.redis_sentinel_master, setting=name.upper()
@@ -276,14 +287,16 @@ def settings_problems(settings: Settings) -> list[str]:
         problems.append("REALTIME_CHANNEL must not be empty")
     if not s.realtime_host.strip() or any(c.isspace() for c in s.realtime_host):
         problems.append(f"REALTIME_HOST must be a host name or address, got {s.realtime_host!r}")
+    problems += _redis_url_problems("CACHE_REDIS_URL", s.cache_redis_url, REDIS_SCHEMES, s)
     sentinel_urls = [
         url
-        for url in (s.celery_broker_url, s.redis_url, s.realtime_redis_url)
+        for url in (s.celery_broker_url, s.redis_url, s.realtime_redis_url, s.cache_redis_url)
         if url.lower().startswith("sentinel://")
     ]
     if s.redis_sentinel_master and not sentinel_urls:
         problems.append(
-            "REDIS_SENTINEL_MASTER is set, but neither CELERY_BROKER_URL nor REDIS_URL is sentinel://"
+            "REDIS_SENTINEL_MASTER is set, but none of CELERY_BROKER_URL, REDIS_URL, CACHE_REDIS_URL is "
+            "sentinel://"
         )
     if any(c.isspace() for c in s.smtp_host):
         problems.append(f"SMTP_HOST must be a host name or address, got {s.smtp_host!r}")

@@ -39,6 +39,8 @@ from harness.effects import Effects, observe
 from harness.pipeline import LocalPipeline
 from harness.processes import python_module
 from harness.workload import Workload, plan
+from tests.card import user_insert_tasks
+from tests.faults.catalogue import check_catalogue
 from tests.faults.expect import Expected, compare
 from tests.faults.features import missing_feature
 from tests.faults.knobs import DELAY_ENV, FAULT_WORKER, FLAG_ENV, WINDOW_LOG
@@ -254,6 +256,7 @@ def listener_killed(options: Options, result: Result) -> None:
         effects = settle(p, result, Expected.of(work), since=max(fault_end, writer.finished_at))
         check_no_doubled_emails(result, effects)
         check_clean(result, effects)
+        check_catalogue(p.db, result, work)
         result.notes.append(
             f"listener SIGKILLed at {', '.join(moments)} s into the writes (seed {options.seed}), "
             "each time restarted until `listener ready` (lease TTL 2 s)"
@@ -298,6 +301,7 @@ def worker_killed(options: Options, result: Result) -> None:
             f"keys not done: {unfinished}",
         )
         check_clean(result, effects)
+        check_catalogue(p.db, result, work)
         result.notes.append(
             f"worker1 SIGKILLed with {len(exposed)} task(s) in the window "
             f"({', '.join(sorted(name for name, _ in exposed))}); {len(doubled)} email(s) arrived twice, "
@@ -728,8 +732,8 @@ def bad_documents(options: Options, result: Result) -> None:
 
 # -- 9. a worker outage hits the queue bound ---------------------------------------------------------
 
-QUEUE_BOUND = 300  # LISTENER_MAX_QUEUE_LENGTH, well below the workload's 1,580 tasks
-BOUND_BATCH = 50  # LISTENER_BATCH_SIZE: the queue may pass the bound by one batch (2 tasks an event at most)
+QUEUE_BOUND = 300  # LISTENER_MAX_QUEUE_LENGTH, well below the workload's tasks
+BOUND_BATCH = 50  # LISTENER_BATCH_SIZE: the queue may pass the bound by one batch of events' tasks
 HOLD_SECONDS = 3.0  # how long the paused listener is watched before the workers come
 
 
@@ -763,7 +767,8 @@ class QueueWatch:
 def queue_bound(options: Options, result: Result) -> None:
     work = standard_workload(result)
     env = {"LISTENER_MAX_QUEUE_LENGTH": str(QUEUE_BOUND), "LISTENER_BATCH_SIZE": str(BOUND_BATCH)}
-    most = QUEUE_BOUND + 2 * BOUND_BATCH
+    # A users insert has the most tasks of the workload's events (welcome, profile, log, store).
+    most = QUEUE_BOUND + len(user_insert_tasks()) * BOUND_BATCH
     with pipeline(result, options, workers=0, extra_env=env) as p:  # the workers are down at first
         assert p.listener is not None and p.redis is not None
         with QueueWatch(p.redis.url) as watch:

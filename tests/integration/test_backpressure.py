@@ -19,11 +19,13 @@ from changeflow.listener.backpressure import BrokerQueueLength
 from changeflow.listener.exit_codes import EXIT_OK
 from changeflow.listener.health import check
 from harness.redis_server import RedisServer
+from tests.card import user_insert_tasks
 from tests.integration.test_listener import celery_app, decode, wait_for  # noqa: F401 (fixture)
 from tests.integration.test_listener_cli import Process, env, processes  # noqa: F401 (fixtures)
 
 LIMIT = 20
-BATCH = 5  # events per batch; 2 tasks per user insert
+BATCH = 5  # events per batch
+USER_TASKS = user_insert_tasks()  # the tasks of one user insert
 USERS = 60
 
 
@@ -58,7 +60,7 @@ def test_the_listener_stops_reading_at_the_bound_and_goes_on_when_the_queue_drai
     users = [{"email": f"bp{i}@example.test", "n": i} for i in range(USERS)]
     db.users.insert_many(users)
     client = redis.Redis.from_url(redis_server.url)
-    most = LIMIT + 2 * BATCH  # the bound plus one batch of messages
+    most = LIMIT + len(USER_TASKS) * BATCH  # the bound plus one batch of messages
     process.wait_for_line("pausing the change stream")
     queued = client.llen("celery")
     assert LIMIT <= queued <= most
@@ -72,7 +74,7 @@ def test_the_listener_stops_reading_at_the_bound_and_goes_on_when_the_queue_drai
     taken: list[dict[str, object]] = []
     highest = queued
     deadline = time.monotonic() + 60
-    while len(taken) < 2 * USERS and time.monotonic() < deadline:
+    while len(taken) < len(USER_TASKS) * USERS and time.monotonic() < deadline:
         highest = max(highest, client.llen("celery"))
         raw = client.rpop("celery")
         if raw is None:
@@ -80,11 +82,9 @@ def test_the_listener_stops_reading_at_the_bound_and_goes_on_when_the_queue_drai
             continue
         taken.append(decode(raw))
         time.sleep(0.005)
-    assert highest <= most, f"the queue reached {highest} messages, bound {LIMIT} + one batch {2 * BATCH}"
+    assert highest <= most, f"the queue reached {highest} messages, bound {LIMIT} + one batch {most - LIMIT}"
     got = sorted((str(m["task"]), m["payload"]["documentKey"]["_id"]) for m in taken)  # type: ignore[index]
-    want = sorted(
-        (task, user["_id"]) for user in users for task in ("tasks.send_welcome_email", "tasks.create_profile")
-    )
+    want = sorted((task, user["_id"]) for user in users for task in USER_TASKS)
     assert got == want  # every task once: nothing dropped, nothing doubled
     # One line each time it pauses and goes on (the last pause may still be on).
     pauses, resumes = (process.output.count(f"{what} the change stream") for what in ("pausing", "resuming"))

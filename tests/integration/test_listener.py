@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pymongo
@@ -31,14 +31,16 @@ from changeflow.listener.checkpoints import CheckpointStore
 from changeflow.listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK
 from changeflow.listener.payload import PAYLOAD_FIELDS
 from changeflow.listener.publish import CeleryPublisher
+from changeflow.listener.routes import Route
 from changeflow.listener.stream import Listener
 from changeflow.worker.app import celery_config
 from changeflow.worker.keys import dedup_key
 from changeflow.worker.settings import Settings
 from harness.redis_server import RedisServer
+from tests.card import card_routes
 from worker import app as repo_app
 
-ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
+ROUTES = card_routes()  # this repository's app (tasks/): the card's routes
 
 STREAM = "test-listener"
 TIMEOUT = 15.0
@@ -138,7 +140,7 @@ class Running:
 def start_listener(listener_db: Database, celery_app: Celery) -> Iterator[Callable[..., Running]]:
     running: list[Running] = []
 
-    def start(**settings: Any) -> Running:
+    def start(routes: Sequence[Route] = ROUTES, **settings: Any) -> Running:
         options = {
             "listener_stream_name": STREAM,
             "listener_max_await_ms": 100,
@@ -147,7 +149,7 @@ def start_listener(listener_db: Database, celery_app: Celery) -> Iterator[Callab
         listener = Listener(
             listener_db,
             CeleryPublisher(celery_app),
-            routes=ROUTES,
+            routes=routes,
             settings=Settings(**{**options, **settings}),
             backoff=Backoff(base=0.05, cap=0.5),
             idle_checkpoint_seconds=0.2,
@@ -175,6 +177,32 @@ def ids(event_id: dict[str, Any], *tasks: str) -> list[str]:
 
 
 WELCOME_AND_PROFILE = ("tasks.send_welcome_email", "tasks.create_profile")
+
+
+def test_a_route_asking_for_pre_images_gets_them_and_the_listener_enables_them(
+    db: Database, queue: Queue, start_listener: Callable[..., Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="changeflow.listener.pre_images")
+    start_listener(routes=repo_app.routes)  # the whole app: tasks.invalidate_user_cache asks for them
+    assert "pre-images enabled on" in caplog.text and f"{db.name}.users" in caplog.text
+    [users] = db.list_collections(filter={"name": "users"})  # created with them: it did not exist
+    assert users["options"].get("changeStreamPreAndPostImages") == {"enabled": True}
+    user_id = db.users.insert_one({"email": "old@example.test"}).inserted_id
+    db.users.update_one({"_id": user_id}, {"$set": {"email": "new@example.test"}})
+    db.orders.insert_one({"_id": 1, "status": "new"})
+    db.orders.update_one({"_id": 1}, {"$set": {"status": "paid"}})  # orders: no images enabled
+    db.users.delete_one({"_id": user_id})
+    # users insert 4 tasks, users update 2, orders insert 2, orders status change 3, users delete 2.
+    messages = queue.wait(13)
+    by = {(m["task"], m["payload"]["operationType"], m["payload"]["ns"]["coll"]): m["payload"]
+          for m in messages}  # fmt: skip
+    update = by[("tasks.invalidate_user_cache", "update", "users")]
+    assert update["fullDocumentBeforeChange"] == {"_id": user_id, "email": "old@example.test"}
+    assert by[("tasks.invalidate_user_cache", "delete", "users")]["fullDocumentBeforeChange"]["email"] == (
+        "new@example.test"
+    )
+    assert by[("tasks.append_event", "update", "orders")]["fullDocumentBeforeChange"] is None
+    assert "fullDocumentBeforeChange" not in by[("tasks.append_event", "insert", "users")]
 
 
 def test_routed_writes_become_celery_task_messages(

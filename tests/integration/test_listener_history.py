@@ -17,6 +17,7 @@ from changeflow.listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK
 from changeflow.listener.gaps import COLLECTION as GAPS
 from changeflow.worker.keys import dedup_key
 from harness.redis_server import RedisServer
+from tests.card import user_insert_tasks
 from tests.integration import test_listener_cli as cli
 from tests.integration.test_listener import Queue, wait_for
 from tests.integration.test_listener_cli import ROOT, STREAM, Process
@@ -25,6 +26,8 @@ env = cli.env  # fixtures shared with the CLI tests
 processes = cli.processes
 
 WELCOME_AND_PROFILE = ("tasks.send_welcome_email", "tasks.create_profile")
+
+PER_USER = len(user_insert_tasks())  # task messages of one users insert
 
 
 @pytest.fixture
@@ -132,12 +135,13 @@ def test_resume_now_records_the_gap_continues_and_reconcile_re_emits_the_gap(
     db.users.insert_one({"_id": after_id, "email": "after@example.com"})
     wait_for(
         lambda: (
-            [m["payload"]["fullDocument"]["email"] for m in queue.messages()].count("after@example.com") == 2
+            [m["payload"]["fullDocument"]["email"] for m in queue.messages()].count("after@example.com")
+            == PER_USER
         ),
         "the new user's tasks",
     )
     before = len(queue.messages())
-    assert before == 4  # old + after: the gap users were not delivered by the stream
+    assert before == 2 * PER_USER  # old + after: the gap users were not delivered by the stream
 
     dry = reconcile(env, "--gap", gap["_id"], "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -148,13 +152,13 @@ def test_resume_now_records_the_gap_continues_and_reconcile_re_emits_the_gap(
     expected = {
         dedup_key({"_data": f"reconcile:users:{user_id}"}, task)
         for user_id in gap_ids
-        for task in WELCOME_AND_PROFILE
+        for task in user_insert_tasks()
     }
     for run in (1, 2):  # twice: the same task ids both times
         done = reconcile(env, "--gap", gap["_id"])
         assert done.returncode == 0, done.stderr
-        assert "published 4 tasks" in done.stdout and "marked resolved" in done.stdout
-        new = queue.messages()[before + 4 * (run - 1) :]
+        assert f"published {2 * PER_USER} tasks" in done.stdout and "marked resolved" in done.stdout
+        new = queue.messages()[before + 2 * PER_USER * (run - 1) :]
         assert {m["id"] for m in new} == expected
         assert {m["payload"]["fullDocument"]["email"] for m in new} == {
             "gap0@example.com",
@@ -169,7 +173,7 @@ def test_resume_now_records_the_gap_continues_and_reconcile_re_emits_the_gap(
             assert payload["_id"]["_data"].startswith("reconcile:users:") and payload["wallTime"]
     resolved = db[GAPS].find_one({"_id": gap["_id"]})
     assert resolved is not None and resolved["resolved"] is True
-    assert resolved["resolution"]["method"] == "reconcile" and resolved["resolution"]["tasks"] == 4
+    assert resolved["resolution"]["method"] == "reconcile" and resolved["resolution"]["tasks"] == 2 * PER_USER
 
     resumed.popen.terminate()
     assert resumed.finish() == EXIT_OK

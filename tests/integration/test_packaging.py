@@ -22,8 +22,17 @@ from harness.processes import REPO_ROOT
 
 # Not copied: git's and the tools' own files, and what earlier builds or runs left.
 IGNORED = shutil.ignore_patterns(
-    ".git", ".venv", "venv", "run", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-    ".ruff_cache", ".env",
+    ".git",
+    ".venv",
+    "venv",
+    "run",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".env",
 )
 
 # Imports every built module (run in the team's directory, the built tree first on sys.path).

@@ -34,9 +34,9 @@ from changeflow.worker.settings import Settings
 from harness.processes import worker_process
 from harness.redis_server import RedisServer
 from harness.smtp_sink import SmtpSink
-from worker import app as repo_app
+from tests.card import card_routes
 
-ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
+ROUTES = card_routes()  # this repository's app (tasks/): the card's routes
 
 
 def change_event(data: str = "8263AB01") -> dict[str, Any]:

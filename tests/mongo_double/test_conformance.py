@@ -405,3 +405,16 @@ def test_credentials_of_an_unknown_user_fail_with_authentication_failed(
     assert raised.value.details is not None
     assert raised.value.details["codeName"] == "AuthenticationFailed"
     assert raised.value.details["errmsg"] == "Authentication failed."
+
+
+def test_sorting_by_a_timestamp_follows_mongodbs_order(db: Database) -> None:
+    # Timestamps by (time, inc); in a mixed field after dates, before regular expressions.
+    from datetime import datetime
+
+    from bson import Timestamp
+    from bson.regex import Regex
+
+    values = [Timestamp(9, 1), Regex("^a"), Timestamp(8, 5), datetime(2026, 1, 1), Timestamp(9, 0), 3]
+    db.ts.insert_many([{"_id": i, "v": v} for i, v in enumerate(values)])
+    assert [d["_id"] for d in db.ts.find().sort("v", 1)] == [5, 3, 2, 4, 0, 1]
+    assert [d["_id"] for d in db.ts.find({"v": {"$gt": Timestamp(8, 5)}}).sort("v", -1)] == [0, 4]

@@ -166,7 +166,7 @@ def test_the_password_redis_requires_is_the_one_every_client_uses() -> None:
     for name in ("listener", "worker", "flower", "realtime"):
         environment = services[name]["environment"]
         settings = Settings.from_env(environment)
-        for url in (settings.celery_broker_url, settings.redis_url):
+        for url in (settings.celery_broker_url, settings.redis_url, settings.cache_redis_url):
             parts = urlsplit(url)
             assert (parts.hostname, parts.port, parts.password) == ("redis", 6379, PASSWORD), name
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == FLOWER

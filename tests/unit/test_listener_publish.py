@@ -24,9 +24,9 @@ from changeflow.worker.keys import dedup_key
 from changeflow.worker.serialization import check_serializable
 from changeflow.worker.settings import Settings
 from harness.ports import free_port
-from worker import app as repo_app
+from tests.card import card_routes
 
-ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
+ROUTES = card_routes()  # this repository's app (tasks/): the card's routes
 
 
 def user_insert(data: str = "8201", **document: Any) -> dict[str, Any]:

@@ -97,8 +97,16 @@ class FakeDatabase:
         self.listener: Listener | None = None
         self.hello: dict[str, Any] = {"maxWireVersion": 21}  # MongoDB 7.0
         self.version = [7, 0, 0, 0]
+        self.commands: list[tuple[str, Any, dict[str, Any]]] = []  # collMod / create, in order
+        self.refuse: dict[str, BaseException] = {}  # command name -> what the server answers
 
-    def command(self, name: str) -> dict[str, Any]:
+    def command(self, name: str, value: Any = None, **options: Any) -> dict[str, Any]:
+        if name in ("collMod", "create"):
+            self.commands.append((name, value, options))
+            refusal = self.refuse.get(name)
+            if refusal is not None:
+                raise refusal
+            return {}
         return self.hello if name == "hello" else {"versionArray": self.version}
 
     def watch(self, pipeline: list[dict[str, Any]], **options: Any) -> FakeStream:
@@ -268,7 +276,12 @@ def test_unpublishable_messages_are_dead_lettered_before_the_checkpoint() -> Non
         *[("dead-letter", task_id) for task_id in task_ids(bad)],
         ("checkpoint", token(2)),
     ]
-    assert (listener.stats.events, listener.stats.tasks, listener.stats.dead_letters) == (2, 2, 2)
+    per_event = len(task_ids(good))  # the tasks a users insert triggers in this repository's app
+    assert (listener.stats.events, listener.stats.tasks, listener.stats.dead_letters) == (
+        2,
+        per_event,
+        per_event,
+    )
 
 
 def test_history_lost_exits_with_its_own_code(caplog: pytest.LogCaptureFixture) -> None:
@@ -311,6 +324,84 @@ def test_refused_credentials_exit_with_the_usage_code_at_once(
     assert "MONGODB_URI (mongodb://app:****@db1,db2/?replicaSet=rs0)" in line
     assert f"code {denied.code}" in line and "hunter2" not in caplog.text
     assert journal.entries == []
+
+
+IMAGES = {"changeStreamPreAndPostImages": {"enabled": True}}
+
+
+def test_pre_images_are_enabled_once_and_asked_of_the_stream(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    db = FakeDatabase([user_insert(1), AutoReconnect("connection reset")], [user_insert(2)])
+    journal = Journal(saved=token(0))
+    assert make_listener(db, journal).run() == EXIT_OK
+    # tasks.invalidate_user_cache asks for the pre-images of users: collMod once, before the stream.
+    assert db.commands == [("collMod", "users", IMAGES)]
+    assert [o.get("full_document_before_change") for o in db.opened] == ["whenAvailable"] * len(db.opened)
+    lines = [r.getMessage() for r in caplog.records if "pre-images enabled" in r.getMessage()]
+    assert lines == [
+        "change stream pre-images enabled on app.users (collMod changeStreamPreAndPostImages), "
+        "for tasks.invalidate_user_cache"
+    ]
+
+
+def test_without_a_route_asking_for_them_there_is_no_collmod_and_no_option() -> None:
+    from tests.card import card_routes
+
+    db, journal = FakeDatabase([user_insert(1)]), Journal(saved=token(0))
+    listener = make_listener(db, journal)
+    listener.routes = card_routes()
+    listener.pre_image_collections = {}
+    listener._pre_images_enabled = True
+    assert listener.run() == EXIT_OK
+    assert db.commands == []
+    assert all("full_document_before_change" not in o for o in db.opened)
+
+
+def test_a_collection_that_does_not_exist_yet_is_created_with_pre_images() -> None:
+    db, journal = FakeDatabase([user_insert(1)]), Journal(saved=token(0))
+    db.refuse["collMod"] = OperationFailure("ns does not exist: app.users", code=26)
+    assert make_listener(db, journal).run() == EXIT_OK
+    assert db.commands == [("collMod", "users", IMAGES), ("create", "users", IMAGES)]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        OperationFailure("not authorized on app to execute command { collMod: ... }", code=13),
+        OperationFailure("BSON field 'changeStreamPreAndPostImages' is an unknown field.", code=40415),
+    ],
+)
+def test_a_refused_collmod_stops_the_listener_naming_what_failed(
+    refusal: OperationFailure, caplog: pytest.LogCaptureFixture
+) -> None:
+    db, journal = FakeDatabase([user_insert(1)]), Journal(saved=token(0))
+    db.refuse["collMod"] = refusal
+    started = time.monotonic()
+    assert make_listener(db, journal).run() == EXIT_USAGE
+    assert time.monotonic() - started < 5  # no backoff round: retrying cannot help
+    line = next(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "refused to enable change stream pre-images on app.users" in line
+    assert "collMod users changeStreamPreAndPostImages" in line and "tasks.invalidate_user_cache" in line
+    assert f"code {refusal.code}" in line and "exiting with code 2" in line
+    assert db.opened == [] and journal.entries == []
+
+
+def test_a_network_error_on_collmod_is_retried() -> None:
+    db, journal = FakeDatabase([user_insert(1)]), Journal(saved=token(0))
+    db.refuse["collMod"] = AutoReconnect("connection reset")
+    listener = make_listener(db, journal)
+    original = db.command
+
+    def heal(name: str, value: Any = None, **options: Any) -> dict[str, Any]:
+        try:
+            return original(name, value, **options)
+        finally:
+            db.refuse.clear()  # the second attempt goes through
+
+    db.command = heal  # type: ignore[method-assign]
+    assert listener.run() == EXIT_OK
+    assert [c[0] for c in db.commands] == ["collMod", "collMod"]
+    assert journal.published() == task_ids(user_insert(1))
 
 
 def test_resumable_errors_reopen_from_the_last_position() -> None:

@@ -22,9 +22,9 @@ from changeflow.listener.pipelined import LPUSH_CHUNK, PipelinedPublisher, summa
 from changeflow.listener.publish import BrokerUnavailable, Message, messages_for
 from changeflow.worker.app import celery_config
 from changeflow.worker.settings import Settings
-from worker import app as repo_app
+from tests.card import card_routes
 
-ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
+ROUTES = card_routes()  # this repository's app (tasks/): the card's routes
 
 
 class FakeConnection:

@@ -24,18 +24,40 @@ def update(coll: str, updated: dict[str, Any], removed: list[str] | None = None)
     return event(coll, "update", documentKey={"_id": 1}, updateDescription=description)
 
 
-def test_user_insert_sends_welcome_email_and_creates_profile() -> None:
+def test_user_insert_sends_welcome_email_creates_profile_logs_and_stores_it() -> None:
     names = tasks_for(event("users", "insert", fullDocument={"_id": 1}), ROUTES)
-    assert sorted(names) == ["tasks.create_profile", "tasks.send_welcome_email"]
+    assert sorted(names) == [
+        "tasks.append_event",
+        "tasks.create_profile",
+        "tasks.log_registration",
+        "tasks.send_welcome_email",
+    ]
 
 
-def test_order_insert_updates_analytics() -> None:
-    assert tasks_for(event("orders", "insert", fullDocument={"_id": 1}), ROUTES) == ["tasks.update_analytics"]
+def test_order_insert_updates_analytics_and_is_stored() -> None:
+    names = tasks_for(event("orders", "insert", fullDocument={"_id": 1}), ROUTES)
+    assert sorted(names) == ["tasks.append_event", "tasks.update_analytics"]
 
 
-def test_order_status_change_notifies_and_updates_analytics() -> None:
+def test_order_status_change_notifies_updates_analytics_and_is_stored() -> None:
     names = tasks_for(update("orders", {"status": "shipped"}), ROUTES)
-    assert sorted(names) == ["tasks.send_shipping_notification", "tasks.update_analytics"]
+    assert sorted(names) == [
+        "tasks.append_event",
+        "tasks.send_shipping_notification",
+        "tasks.update_analytics",
+    ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        update("users", {"status": "active"}),
+        event("users", "replace", documentKey={"_id": 1}, fullDocument={"_id": 1}),
+        event("users", "delete", documentKey={"_id": 1}),
+    ],
+)
+def test_user_changes_invalidate_the_cache_and_are_stored(change: dict[str, Any]) -> None:
+    assert sorted(tasks_for(change, ROUTES)) == ["tasks.append_event", "tasks.invalidate_user_cache"]
 
 
 @pytest.mark.parametrize(
@@ -44,15 +66,34 @@ def test_order_status_change_notifies_and_updates_analytics() -> None:
         update("orders", {"total": 10}),  # status untouched
         update("orders", {}, removed=["status"]),  # removing is not changing to a value
         update("orders", {"status.code": 3}),  # a sub-path is not the field itself
-        update("users", {"status": "active"}),  # no route for user updates
         event("orders", "delete", documentKey={"_id": 1}),
         event("orders", "replace", fullDocument={"_id": 1, "status": "new"}),
+    ],
+)
+def test_other_order_changes_are_only_stored(change: dict[str, Any]) -> None:
+    assert tasks_for(change, ROUTES) == ["tasks.append_event"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
         event("invoices", "insert", fullDocument={"_id": 1}),
         {"_id": {"_data": "82AC"}, "operationType": "invalidate"},
     ],
 )
 def test_unrouted_changes_trigger_nothing(change: dict[str, Any]) -> None:
     assert tasks_for(change, ROUTES) == []
+
+
+def test_only_the_cache_route_asks_for_pre_images() -> None:
+    assert [(r.collection, r.tasks) for r in ROUTES if r.pre_images] == [
+        ("users", ("tasks.invalidate_user_cache",))
+    ]
+    with pytest.raises(ValueError, match="pre_images=True needs an operation that has a pre-image"):
+        Route("users", ["insert"], ["tasks.a"], pre_images=True)
+    assert hash(Route("users", ["delete"], ["tasks.a"], pre_images=True)) != hash(
+        Route("users", ["delete"], ["tasks.a"])
+    )
 
 
 def test_tasks_keep_route_order_and_appear_once() -> None:
@@ -118,14 +159,18 @@ def test_match_is_one_clause_per_route() -> None:
             status_changed,
         ]
     }
-    # The repository's app: the card's three kinds of event and posts, one clause per declared route.
+    # The repository's app: one clause per declared route.
     clauses = compile_match(ROUTES)["$or"]
-    assert len(clauses) == len(ROUTES) == 6
+    every_change = {"$in": ["insert", "update", "replace", "delete"]}
+    assert len(clauses) == len(ROUTES) == 10
     assert {repr(c) for c in clauses} == {
         repr({"ns.coll": "users", "operationType": {"$in": ["insert"]}}),
         repr({"ns.coll": "orders", "operationType": {"$in": ["insert"]}}),
         repr(status_changed),
         repr({"ns.coll": "posts", "operationType": {"$in": ["insert"]}}),
+        repr({"ns.coll": "users", "operationType": {"$in": ["update", "replace", "delete"]}}),
+        repr({"ns.coll": "users", "operationType": every_change}),
+        repr({"ns.coll": "orders", "operationType": every_change}),
     }
 
 

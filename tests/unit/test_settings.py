@@ -119,6 +119,12 @@ def test_the_dedup_ttl_follows_the_retry_span() -> None:
         ("CELERY_BROKER_URL", f"redis://:{SECRET}@localhost:99999/0", "CELERY_BROKER_URL is not a usable"),
         ("REDIS_URL", f"http://:{SECRET}@localhost/", "REDIS_URL must be a URL starting with"),
         ("REDIS_URL", f"redis://:{SECRET}@localhost:0x10/0", "REDIS_URL is not a usable Redis URL"),
+        ("CACHE_REDIS_URL", f"http://:{SECRET}@cache/", "CACHE_REDIS_URL must be a URL starting with"),
+        (
+            "CACHE_REDIS_URL",
+            f"rediss://:{SECRET}@cache/0?ssl_cert_reqs=maybe",
+            "CACHE_REDIS_URL is not a usable",
+        ),
         ("MONGODB_URI", f"mongodb://app:{SECRET}@db:99999/", "MONGODB_URI is not a usable MongoDB URI"),
         ("MONGODB_URI", f"postgres://app:{SECRET}@db/", "MONGODB_URI is not a usable MongoDB URI"),
         ("MONGODB_URI", f"mongodb://app:{SECRET}@db/?replicaSet=rs0&w=-3", "MONGODB_URI is not a usable"),
@@ -136,6 +142,16 @@ def test_urls_each_consumer_accepts_pass() -> None:
     Settings(celery_broker_url="rediss://:pw@cache.example.test:6380/1?ssl_cert_reqs=required")
     Settings(redis_url="unix:///run/redis/redis.sock?db=2")
     Settings(mongodb_uri="mongodb://app:p%40ss@db1:27017,db2:27018/admin?replicaSet=rs0&authSource=admin")
+
+
+def test_the_cache_redis_defaults_to_redis_url_and_takes_tls_and_sentinel() -> None:
+    assert Settings(redis_url="redis://dedup:6379/1").cache_redis_url == "redis://dedup:6379/1"
+    assert Settings(celery_broker_url="redis://broker:6379/0").cache_redis_url == "redis://broker:6379/0"
+    tls = Settings(cache_redis_url="rediss://:pw@cache.example.test:6380/3").redis_target("cache_redis_url")
+    assert (tls.hosts, tls.db, tls.tls is not None) == ((("cache.example.test", 6380),), 3, True)
+    sentinel = Settings(cache_redis_url="sentinel://s1:26379;sentinel://s2:26379", redis_sentinel_master="m")
+    assert sentinel.redis_target("cache_redis_url").master_name == "m"
+    assert "CACHE_REDIS_URL" in refused({"CACHE_REDIS_URL": "sentinel://s1:26379"})  # no master name
 
 
 def test_an_srv_uri_is_checked_without_any_dns_lookup() -> None:

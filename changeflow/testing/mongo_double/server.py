@@ -11,7 +11,7 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from changeflow.testing.mongo_double import wire
+from changeflow.testing.mongo_double import ordering, wire
 from changeflow.testing.mongo_double.commands import Connection, Context, dispatch
 from changeflow.testing.mongo_double.errors import CloseConnection, MongoError
 
@@ -94,6 +94,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address: tuple[str, int], ctx_args: dict[str, Any]) -> None:
         super().__init__(address, _Handler)
+        ordering.install()  # sorting by a Timestamp field, as MongoDB does
         self.ctx = Context(port=self.server_address[1], **ctx_args)
         self.conn_ids = itertools.count(1)
         self.request_ids = itertools.count(1)
