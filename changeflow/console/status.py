@@ -30,6 +30,7 @@ class StreamStatus:
     stream: str
     now: datetime
     health_file: str
+    health_visible: bool = False  # the listener's heartbeat file is on this machine
     healthy: bool = False
     health: str = ""
     role: str | None = None
@@ -87,6 +88,7 @@ def read_status(
         stream=stream, now=now, health_file=str(path), queue_limit=settings.listener_max_queue_length
     )
     # The heartbeat file is local to the listener's machine: meaningful when the console runs there.
+    status.health_visible = path.exists()
     status.healthy, status.health = health.check(path, settings.listener_max_stall_seconds)
     try:
         state = json.loads(path.read_text())

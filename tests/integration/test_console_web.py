@@ -76,7 +76,7 @@ def test_every_page_needs_the_password(console: TestClient, db: Database) -> Non
     assert console.get("/health").status_code == 200  # for probes: says nothing but "ok"
     page = console.get("/", auth=AUTH)
     assert page.status_code == 200
-    assert "Stream" in page.text and "No checkpoint saved yet" in page.text
+    assert "No checkpoint saved yet" in page.text and "heartbeat not visible here" in page.text
     assert 'href="http://127.0.0.1:5555/"' in page.text  # FLOWER_URL
     assert PASSWORD not in page.text
 
