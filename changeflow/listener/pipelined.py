@@ -61,6 +61,7 @@ from redis.backoff import NoBackoff
 from redis.connection import AbstractConnection
 from redis.retry import Retry
 
+from changeflow import tracing
 from changeflow.listener.publish import (
     BROKER_ERRORS,
     ENCODE_ERRORS,
@@ -215,6 +216,8 @@ class PipelinedPublisher:
                 template = templates.get(message.task_name) or self._template(layout, message.task_name)
                 task_id = json_string(message.task_id)
                 envelope = template.envelope.fill((task_id, argsrepr, body, json_string(delivery_tag())))
+                if message.headers:  # trace context, only when tracing is on
+                    envelope = tracing.add_to_envelope(envelope, message.headers)
                 event = None
                 if template.sent_event is not None:
                     # Clock and timestamp per message, as Celery's dispatcher gives each event its own

@@ -25,6 +25,7 @@ import kombu.exceptions
 import redis.exceptions
 from kombu.serialization import dumps
 
+from changeflow import tracing
 from changeflow.listener.payload import task_payload
 from changeflow.listener.routes import Route, tasks_for
 from changeflow.worker.dead_letters import record_dead_letter
@@ -55,6 +56,7 @@ class Message(NamedTuple):
     task_name: str
     task_id: str
     payload: dict[str, Any]
+    headers: Mapping[str, str] | None = None  # trace context (changeflow/tracing.py), when tracing is on
 
 
 class Rejected(NamedTuple):
@@ -85,7 +87,8 @@ def messages_for(event: Mapping[str, Any], routes: Iterable[Route]) -> list[Mess
     if not names:
         return []
     payload = task_payload(event)
-    return [Message(name, dedup_key(event["_id"], name), payload) for name in names]
+    headers = tracing.event_headers(event)  # None unless OpenTelemetry is configured
+    return [Message(name, dedup_key(event["_id"], name), payload, headers) for name in names]
 
 
 def task_queue(app: Celery, task_name: str) -> str | None:
@@ -138,6 +141,7 @@ class CeleryPublisher:
                             retry=False,
                             add_to_parent=False,
                             queue=task_queue(self.app, message.task_name),
+                            headers=message.headers,
                         )
                     except ENCODE_ERRORS as exc:
                         # Serialization happens before any I/O, so the producer is still usable.
