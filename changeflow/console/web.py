@@ -24,7 +24,7 @@ from changeflow.console.csrf import COOKIE, FIELD, CsrfTokens, same_origin
 from changeflow.console.filters import parse_filter, selected_ids
 from changeflow.console.status import read_status
 from changeflow.listener import dead_letters as letters
-from changeflow.listener.dead_letters import REASONS, NotReplayable, UsageError
+from changeflow.listener.dead_letters import REASONS, UsageError
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -230,4 +230,4 @@ def create_app(console: Console, *, csrf_key: bytes | None = None) -> ASGIApp:
     return BasicAuth(app, settings.console_user, settings.console_password)
 
 
-__all__ = ["Console", "NotReplayable", "create_app"]
+__all__ = ["Console", "create_app"]
