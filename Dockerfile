@@ -1,4 +1,4 @@
-# One image for the listener, the workers, Flower, the realtime gateway and the demo SMTP sink.
+# One image for the listener, the workers, Flower, the realtime gateway, the console and the demo SMTP sink.
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from changeflow.listener.routes import FieldChanged, Route
 from changeflow.worker.idempotent import IdempotentTask
@@ -359,3 +359,19 @@ def _refuse_unroutable_app(sender: Any = None, **_: Any) -> None:
     if problems:
         print(f"invalid app: {problems[0]}", file=sys.stderr)
         raise SystemExit(2)
+
+
+@worker_process_init.connect
+def _start_tracing(**_: Any) -> None:
+    """Traces in each (prefork) worker process when OpenTelemetry is configured (changeflow/tracing.py);
+    in the child, as the SDK's export thread does not survive the fork."""
+    from changeflow import tracing
+
+    tracing.setup("changeflow-worker")
+
+
+@worker_process_shutdown.connect
+def _flush_traces(**_: Any) -> None:
+    from changeflow import tracing
+
+    tracing.shutdown()

@@ -4,6 +4,7 @@
     changeflow dead-letters -A acme.effects list    failed tasks (docs/dead_letters.md)
     changeflow health | gaps | reconcile ...        as `python -m listener <command>`
     changeflow realtime [token USER_ID]             the realtime gateway (as `python -m realtime`)
+    changeflow console -A acme.effects              the operator console (web pages, basic auth)
 
 `-A/--app MODULE` may go anywhere on the line; without it CHANGEFLOW_APP, else this repository's app.
 Workers are Celery's own: `celery -A acme.effects worker`.
@@ -14,15 +15,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("listen", "dead-letters", "health", "gaps", "reconcile", "realtime")
+COMMANDS = ("listen", "dead-letters", "health", "gaps", "reconcile", "realtime", "console")
 USAGE = (
-    "usage: changeflow {listen,dead-letters,health,gaps,reconcile,realtime} [-A MODULE] ...\n"
+    "usage: changeflow {listen,dead-letters,health,gaps,reconcile,realtime,console} [-A MODULE] ...\n"
     "  listen          run the listener for the app's routes (until SIGTERM/SIGINT)\n"
     "  dead-letters    list|show|replay|purge failed tasks\n"
     "  health          liveness/readiness from the listener's heartbeat file\n"
     "  gaps            recorded gaps of lost change stream history\n"
     "  reconcile       re-emit events for documents written in a gap\n"
     "  realtime        the Socket.IO gateway; `realtime token USER_ID` prints a client token\n"
+    "  console         the operator console: stream status and dead letters in a browser\n"
     "-A/--app MODULE selects the app, as celery -A does (default: CHANGEFLOW_APP, else worker).\n"
     "Each command has --help."
 )
@@ -50,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return realtime_main(args)
     app_args = ["-A", app_spec] if app_spec else []
+    if command == "console":
+        from changeflow.console.__main__ import main as console_main
+
+        return console_main([*app_args, *args])
     if command == "listen":
         return listener_main([*app_args, *args])
     return listener_main([command, *app_args, *args])

@@ -24,6 +24,8 @@ from pymongo.database import Database
 from changeflow.worker.redis_conn import parse_redis_url
 from harness.processes import (
     ManagedProcess,
+    console_process,
+    console_url,
     flower_process,
     listener_process,
     mongo_double_process,
@@ -55,6 +57,7 @@ class LocalPipeline:
         sentinel: bool = False,
         realtime_port: int | None = None,
         realtime_demo: bool = False,
+        console: bool = False,
     ) -> None:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="changeflow-run-"))
         self.worker_count = workers
@@ -77,6 +80,11 @@ class LocalPipeline:
         self.realtime_secret = secrets.token_urlsafe(32)
         self.realtime: ManagedProcess | None = None
         self.realtime_url = ""
+        # The operator console (`changeflow console`, 127.0.0.1, any free port) with a password of its own.
+        self.want_console = console
+        self.console_password = secrets.token_urlsafe(18)
+        self.console: ManagedProcess | None = None
+        self.console_url = ""
         # A real server is shared: work in a database of our own and drop only that one.
         self.external_mongodb_uri = mongodb_uri if mongodb_uri is not None else os.environ.get("MONGODB_URI")
         self.db_name = f"changeflow_{uuid.uuid4().hex[:10]}" if self.external_mongodb_uri else "changeflow"
@@ -111,6 +119,8 @@ class LocalPipeline:
                 self.flower = flower_process(self.env, self.flower_port, log_dir=self.log_dir).start()
             if self.realtime_port is not None:
                 self.start_realtime()
+            if self.want_console:
+                self.start_console()
             if listener:
                 self.start_listener()
         except BaseException:
@@ -159,6 +169,14 @@ class LocalPipeline:
         self.realtime_url = realtime_url(self.realtime)
         return self.realtime
 
+    def start_console(self) -> ManagedProcess:
+        env = {**self.env, "CONSOLE_USER": "admin", "CONSOLE_PASSWORD": self.console_password}
+        if self.flower_port is not None:
+            env["FLOWER_URL"] = f"http://127.0.0.1:{self.flower_port}/"
+        self.console = console_process(env, log_dir=self.log_dir).start()
+        self.console_url = console_url(self.console)
+        return self.console
+
     def start_worker(self, name: str) -> ManagedProcess:
         worker = worker_process(
             self.env, name, app=self.worker_app, concurrency=self.worker_concurrency, log_dir=self.log_dir
@@ -167,7 +185,7 @@ class LocalPipeline:
         return worker
 
     def stop(self) -> None:
-        for process in [self.listener, self.flower, self.realtime, *self.workers]:
+        for process in [self.listener, self.flower, self.realtime, self.console, *self.workers]:
             if process is not None:
                 process.stop()
         if self.sink is not None:
@@ -199,7 +217,7 @@ class LocalPipeline:
         """Every process log, for a failing test's message."""
         return "\n".join(
             f"===== {p.name}\n{p.log_text(since_start=False)[-3000:]}"
-            for p in [self.listener, *self.workers, self.realtime]
+            for p in [self.listener, *self.workers, self.realtime, self.console]
             if p is not None
         )
 

@@ -196,6 +196,24 @@ def realtime_url(process: ManagedProcess) -> str:
     return process.wait_for_log(REALTIME_READY).group(1)
 
 
+def console_process(
+    env: Mapping[str, str], *, log_dir: Path | None = None, name: str = "console"
+) -> ManagedProcess:
+    """`python -m changeflow console -A worker --port 0` (CONSOLE_* settings in `env`); its address is
+    console_url(process)."""
+    return python_module(
+        name, "changeflow", "console", "-A", "worker", "--port", "0", env=env, ready=CONSOLE_READY,
+        log_dir=log_dir,
+    )  # fmt: skip
+
+
+CONSOLE_READY = r"changeflow console ready on (http://\S+)"
+
+
+def console_url(process: ManagedProcess) -> str:
+    return process.wait_for_log(CONSOLE_READY).group(1)
+
+
 def flower_process(env: Mapping[str, str], port: int, *, log_dir: Path | None = None) -> ManagedProcess:
     args = ["-A", "worker", "flower", f"--port={port}", "--address=127.0.0.1"]
     return python_module("flower", "celery", *args, env=env, ready=r"Visit me at|Registered", log_dir=log_dir)

@@ -4,7 +4,8 @@
     python -m harness.quickstart --exit     # report, then stop (used by the smoke test)
 
 It starts redis-server (a private one on a free port), the MongoDB test server (or uses MONGODB_URI),
-an SMTP sink, the listener, two Celery workers, Flower and the realtime gateway (demo sign-in on),
+an SMTP sink, the listener, two Celery workers, Flower, the realtime gateway (demo sign-in on) and
+the operator console (127.0.0.1, a generated password printed here only),
 then writes users, orders, follows and posts with plain pymongo and prints the emails received, the
 profiles, the analytics counters and what a Socket.IO client got live. While it runs, a user posts
 every few seconds, for the page on http://127.0.0.1:8000.
@@ -59,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     print(
         "starting redis-server, the MongoDB test server, an SMTP sink, the listener, 2 workers, Flower, "
-        "the realtime gateway ..."
+        "the realtime gateway, the console ..."
     )
     pipeline = LocalPipeline(
-        workers=2, flower_port=args.flower_port, realtime_port=args.realtime_port, realtime_demo=True
+        workers=2,
+        flower_port=args.flower_port,
+        realtime_port=args.realtime_port,
+        realtime_demo=True,
+        console=True,
     )
     try:
         pipeline.start()
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  Redis     {pipeline.redis.url}")
         print(f"  SMTP sink {pipeline.sink.url}")
         print(f"  realtime  {pipeline.realtime_url}  (the page; demo sign-in on)")
+        print(f"  console   {pipeline.console_url}  (user admin, password {pipeline.console_password})")
         print(f"  logs      {pipeline.log_dir}")
         work = plan(users=args.users, orders=args.orders)
         print(
@@ -98,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nFlower: http://127.0.0.1:{args.flower_port}")
         print(
             f"Live notifications: {pipeline.realtime_url}  (sign in as a demo user; a user posts every 5 s)"
+        )
+        print(
+            f"Operator console: {pipeline.console_url}  (user admin, password {pipeline.console_password}; "
+            "the dead letter of the user without an email is there)"
         )
         print("(Ctrl-C stops everything)")
         number = 0

@@ -28,7 +28,7 @@ from typing import Any
 import idna
 from bson import Decimal128
 
-from changeflow import FieldChanged
+from changeflow import FieldChanged, tracing
 from changeflow.worker.errors import PermanentTaskError, Skip, TransientTaskError
 from changeflow.worker.idempotent import current_key
 from changeflow.worker.mongo import get_db
@@ -192,7 +192,12 @@ def send(message: EmailMessage) -> None:
     """
     settings = get_settings()
     try:
-        with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=SMTP_TIMEOUT_SECONDS) as smtp:
+        with (
+            tracing.span(
+                "smtp.send", **{"server.address": settings.smtp_host, "server.port": settings.smtp_port}
+            ),
+            smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=SMTP_TIMEOUT_SECONDS) as smtp,
+        ):
             smtp.ehlo_or_helo_if_needed()
             if not smtp.has_extn("smtputf8"):
                 message = without_smtputf8(message)

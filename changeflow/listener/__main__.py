@@ -36,6 +36,7 @@ from types import FrameType
 import pymongo
 from pymongo.errors import ConfigurationError
 
+from changeflow import tracing
 from changeflow.listener.exit_codes import EXIT_CRASH, EXIT_USAGE
 
 log = logging.getLogger("listener")
@@ -191,6 +192,7 @@ def run(argv: Sequence[str], app_spec: str | None = None) -> int:
 
         app = load_app(app_spec)
         settings = app.settings
+        tracing.setup("changeflow-listener", instrument=False)  # only when OpenTelemetry is configured
         if args.stream_name is not None:
             settings = dataclasses.replace(settings, listener_stream_name=args.stream_name)
         stream = settings.listener_stream_name
@@ -263,6 +265,7 @@ def run(argv: Sequence[str], app_spec: str | None = None) -> int:
         return EXIT_CRASH
     finally:
         client.close()
+        tracing.shutdown()  # export the spans still buffered
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from redis.backoff import NoBackoff
 from redis.connection import AbstractConnection
 from redis.retry import Retry
 
+from changeflow import tracing
 from changeflow.listener.publish import (
     BROKER_ERRORS,
     ENCODE_ERRORS,
@@ -228,6 +229,8 @@ class PipelinedPublisher:
                         (task_id, argsrepr, body, json_string(delivery_tag()),
                          json_string(order.key), json_string(order.member))
                     )  # fmt: skip
+                if message.headers:  # trace context, only when tracing is on
+                    envelope = tracing.add_to_envelope(envelope, message.headers)
                 event = None
                 if template.sent_event is not None:
                     # Clock and timestamp per message, as Celery's dispatcher gives each event its own

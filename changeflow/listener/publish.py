@@ -25,6 +25,7 @@ import kombu.exceptions
 import redis.exceptions
 from kombu.serialization import dumps
 
+from changeflow import tracing
 from changeflow.listener.ordering import OrderingPublisher, order_for
 from changeflow.listener.payload import task_payload
 from changeflow.listener.routes import Route, tasks_for
@@ -63,6 +64,7 @@ class Message(NamedTuple):
     payload: dict[str, Any]
     order: Order | None = None
     ordered_by: str | None = None
+    headers: Mapping[str, str] | None = None  # trace context (changeflow/tracing.py), when tracing is on
 
 
 class Rejected(NamedTuple):
@@ -100,12 +102,19 @@ def messages_for(event: Mapping[str, Any], routes: Iterable[Route], *, ordered: 
         return []
     payload = task_payload(event)
     paths = {name: r.ordered_by for r in routes if r.ordered_by for name in r.tasks} if ordered else {}
+    headers = tracing.event_headers(event)  # None unless OpenTelemetry is configured
     messages = []
     for name in names:
         path = paths.get(name)
         order = order_for(payload, path) if path is not None else None
-        messages.append(Message(name, dedup_key(event["_id"], name), payload, order, path))
+        messages.append(Message(name, dedup_key(event["_id"], name), payload, order, path, headers))
     return messages
+
+
+def send_headers(message: Message) -> dict[str, str] | None:
+    """The headers send_task adds for `message`: its ordering key and member, its trace context."""
+    headers = {**(order_headers(message.order) if message.order else {}), **(message.headers or {})}
+    return headers or None
 
 
 def task_queue(app: Celery, task_name: str) -> str | None:
@@ -158,7 +167,7 @@ class CeleryPublisher:
                             retry=False,
                             add_to_parent=False,
                             queue=task_queue(self.app, message.task_name),
-                            headers=order_headers(message.order) if message.order else None,
+                            headers=send_headers(message),
                         )
                     except ENCODE_ERRORS as exc:
                         # Serialization happens before any I/O, so the producer is still usable.

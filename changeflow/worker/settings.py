@@ -40,7 +40,7 @@ URL_VARIABLES = (
     "CACHE_REDIS_URL",
 )
 # Variables that are secrets as a whole: scrub() hides their values too.
-SECRET_VARIABLES = ("REALTIME_SECRET",)
+SECRET_VARIABLES = ("REALTIME_SECRET", "CONSOLE_PASSWORD")
 # The shortest REALTIME_SECRET the gateway accepts (what secrets.token_urlsafe(32) gives is longer).
 MIN_REALTIME_SECRET_LENGTH = 32
 # Below this a getMore on an idle stream returns at once and the listener spins on the CPU.
@@ -179,6 +179,13 @@ class Settings:
     realtime_demo: int = 0
     # A post's followers are read in _id-ordered pages of this many (one emit per page).
     realtime_follower_batch_size: int = 500
+    # The operator console (`changeflow console`, changeflow/console/): HTTP basic auth with these; it
+    # refuses to start without a password unless bound to 127.0.0.1. FLOWER_URL: a link on its pages.
+    console_user: str = "admin"
+    console_password: str = dataclasses.field(default="", repr=False)
+    console_host: str = "127.0.0.1"
+    console_port: int = 8100
+    flower_url: str = ""
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -252,6 +259,7 @@ INT_RANGES: dict[str, tuple[int, int | None]] = {
     "realtime_token_ttl": (1, None),
     "realtime_demo": (0, 1),
     "realtime_follower_batch_size": (1, None),
+    "console_port": (0, 65535),
 }
 
 
@@ -288,6 +296,12 @@ def settings_problems(settings: Settings) -> list[str]:
     if not s.realtime_host.strip() or any(c.isspace() for c in s.realtime_host):
         problems.append(f"REALTIME_HOST must be a host name or address, got {s.realtime_host!r}")
     problems += _redis_url_problems("CACHE_REDIS_URL", s.cache_redis_url, REDIS_SCHEMES, s)
+    if not s.console_user.strip() or ":" in s.console_user:
+        problems.append("CONSOLE_USER must be a non-empty user name without ':' (HTTP basic auth)")
+    if not s.console_host.strip() or any(c.isspace() for c in s.console_host):
+        problems.append(f"CONSOLE_HOST must be a host name or address, got {s.console_host!r}")
+    if s.flower_url and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", s.flower_url):
+        problems.append(f"FLOWER_URL must be an http:// or https:// URL, got {mask_url(s.flower_url)}")
     sentinel_urls = [
         url
         for url in (s.celery_broker_url, s.redis_url, s.realtime_redis_url, s.cache_redis_url)
@@ -352,6 +366,19 @@ def realtime_secret_problems(settings: Settings) -> list[str]:
         return [
             f"REALTIME_SECRET is too short ({len(secret)} characters): at least "
             f"{MIN_REALTIME_SECRET_LENGTH} ({hint})"
+        ]
+    return []
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def console_password_problems(settings: Settings, host: str) -> list[str]:
+    """Why the console may not serve on `host`: no CONSOLE_PASSWORD off 127.0.0.1; never shows it."""
+    if not settings.console_password and host != LOOPBACK:
+        return [
+            f"CONSOLE_PASSWORD must be set: the console serves on {host}, not only on {LOOPBACK} "
+            "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
         ]
     return []
 

@@ -21,7 +21,7 @@ from changeflow.worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
-SECRETS = ("REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "REALTIME_SECRET")
+SECRETS = ("REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "REALTIME_SECRET", "CONSOLE_PASSWORD")
 SECRET_NAMES = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|AUTH|API_KEY|CREDENTIAL", re.IGNORECASE)
 # $$ | ${NAME[:?-]...} | $NAME: groups escaped, braced name, operator, argument, bare name.
 REFERENCE = re.compile(
@@ -30,6 +30,7 @@ REFERENCE = re.compile(
 PASSWORD = "0123456789abcdef" * 4  # what `secrets.token_hex(32)` gives: hex
 FLOWER = "admin:fedcba9876543210"
 REALTIME = "realtime-secret-" + "0123456789" * 4
+CONSOLE = "console-password-0123456789"
 
 
 class MissingVariable(Exception):
@@ -93,14 +94,20 @@ def host_ip(port: Any) -> str | None:
 
 def configured() -> dict[str, Any]:
     return interpolate(
-        load(), {"REDIS_PASSWORD": PASSWORD, "FLOWER_BASIC_AUTH": FLOWER, "REALTIME_SECRET": REALTIME}
+        load(),
+        {
+            "REDIS_PASSWORD": PASSWORD,
+            "FLOWER_BASIC_AUTH": FLOWER,
+            "REALTIME_SECRET": REALTIME,
+            "CONSOLE_PASSWORD": CONSOLE,
+        },
     )
 
 
 def test_every_published_port_is_bound_to_localhost() -> None:
     services = load()["services"]
     published = {name: service["ports"] for name, service in services.items() if "ports" in service}
-    assert set(published) == {"mongo", "redis", "mailsink", "flower", "realtime"}
+    assert set(published) == {"mongo", "redis", "mailsink", "flower", "realtime", "console"}
     for name, ports in published.items():
         for port in ports:
             assert host_ip(port) == "127.0.0.1", f"{name} publishes {port!r} beyond this machine"
@@ -153,6 +160,10 @@ def test_compose_refuses_to_start_without_the_secrets() -> None:
         interpolate(load(), {"REDIS_PASSWORD": PASSWORD, "REALTIME_SECRET": REALTIME})
     with pytest.raises(MissingVariable, match="REALTIME_SECRET is missing a value: set REALTIME_SECRET"):
         interpolate(load(), {"REDIS_PASSWORD": PASSWORD, "FLOWER_BASIC_AUTH": FLOWER})
+    with pytest.raises(MissingVariable, match="CONSOLE_PASSWORD is missing a value: set CONSOLE_PASSWORD"):
+        interpolate(
+            load(), {"REDIS_PASSWORD": PASSWORD, "FLOWER_BASIC_AUTH": FLOWER, "REALTIME_SECRET": REALTIME}
+        )
     with pytest.raises(MissingVariable, match="REDIS_PASSWORD"):  # set but empty: refused too
         interpolate(load(), {"REDIS_PASSWORD": "", "FLOWER_BASIC_AUTH": FLOWER, "REALTIME_SECRET": REALTIME})
 
@@ -163,7 +174,8 @@ def test_the_password_redis_requires_is_the_one_every_client_uses() -> None:
     assert command[command.index("--requirepass") + 1] == PASSWORD
     assert services["redis"]["environment"]["REDISCLI_AUTH"] == PASSWORD  # the healthcheck's redis-cli
     assert services["realtime"]["environment"]["REALTIME_SECRET"] == REALTIME
-    for name in ("listener", "worker", "flower", "realtime"):
+    assert services["console"]["environment"]["CONSOLE_PASSWORD"] == CONSOLE
+    for name in ("listener", "worker", "flower", "realtime", "console"):
         environment = services[name]["environment"]
         settings = Settings.from_env(environment)
         for url in (settings.celery_broker_url, settings.redis_url, settings.cache_redis_url):
