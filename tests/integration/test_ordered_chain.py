@@ -15,8 +15,10 @@ import pytest
 import redis
 from bson import ObjectId
 from celery._state import _task_stack
+from celery.exceptions import TimeLimitExceeded
 from pymongo.database import Database
 
+from changeflow.listener.ordering import order_key
 from changeflow.worker.dedup import get_dedup_store
 from changeflow.worker.keys import dedup_key
 from changeflow.worker.ordering import Order, OrderBook, order_headers, queue_key
@@ -58,7 +60,7 @@ def ordered_events(order: dict[str, Any], statuses: list[str]) -> list[tuple[dic
         found.append(
             (
                 event,
-                Order(f"documentKey={order['_id']}", event["_id"]["_data"]),
+                Order(order_key(event, "documentKey") or "", event["_id"]["_data"]),
                 dedup_key(event["_id"], TASK),
             )
         )
@@ -175,3 +177,27 @@ def test_a_chained_task_that_fails_permanently_is_its_own_dead_letter_and_the_ch
         assert not list(broker.scan_iter("changeflow:*order*")) and not list(
             broker.scan_iter("changeflow:parked:*")
         )
+
+
+def test_a_hard_time_limit_during_a_chain_publishes_the_chained_task_not_a_dead_letter_of_the_head(
+    redis_server: RedisServer, smtp: SmtpSink, mongodb_uri: str, db: Database, broker: redis.Redis
+) -> None:
+    """The pool process died in a task run inline; Celery reports the limit for the head, which ended."""
+    with configured(**worker_env(redis_server, smtp, mongodb_uri, db)):
+        _, order = order_with_user(db)
+        events = ordered_events(order, ["shipped", "delivered"])
+        deliver(*events[1])  # parked
+        (head, head_order, head_key), (_, later_order, later_key) = events
+        store = get_dedup_store()
+        book = OrderBook(store.client)
+        assert book.advance(TASK, head_order).head == later_order.member  # the head ended ...
+        store.claim(head_key, "killed")
+        store.mark_done(head_key, "killed")
+        assert (
+            book.gate(TASK, later_order, b"", keep_parked=True).name == "HEAD"
+        )  # ... its successor ran inline
+        send_shipping_notification.on_failure(TimeLimitExceeded(60), head_key, [head], {}, None)
+
+        assert db.changeflow_dead_letters.count_documents({}) == 0
+        [copy] = queued(broker)
+        assert (copy["id"], copy["changeflow_order_member"]) == (later_key, later_order.member)
