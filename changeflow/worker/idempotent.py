@@ -30,8 +30,11 @@ The key is the Celery task id, which the listener sets to `dedup_key(event["_id"
 
 An ordered task (`ordered_by`; its message carries the ordering headers, changeflow/worker/ordering.py)
 first passes the key's gate: not the key's head -> parked (stored in Redis, acked, no effect); when
-the head ends (done, duplicate, skip, dead letter) the guard advances the key and publishes the new
-head's parked message before its own is acked. Retries keep the head in place. docs/ordering.md.
+the head ends (done, duplicate, skip, dead letter) the guard advances the key and runs the new head's
+parked message inline, in this process and through this same guard (a chain: ORDERED_CHAIN_MAX_TASKS,
+ORDERED_CHAIN_MAX_SECONDS), or past the chain's bounds publishes it again, all before its own message
+is acked. Retries keep the head in place (a chained task's retry is a message of its own).
+docs/ordering.md.
 
 The time of the first attempt travels with the retries in the message header `changeflow_first_attempt`
 (Celery copies a request's custom headers into its retry messages).
@@ -50,6 +53,7 @@ from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from celery import Task, current_task
+from celery.app.task import Context
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from kombu.serialization import dumps, loads
 
@@ -58,7 +62,15 @@ from changeflow.worker.dedup import Claim, DedupStore, get_dedup_store
 from changeflow.worker.errors import Skip, TransientTaskError, is_transient
 from changeflow.worker.keys import dedup_key
 from changeflow.worker.mongo import get_db
-from changeflow.worker.ordering import KEY_HEADER, MEMBER_HEADER, Gate, Order, OrderBook, order_headers
+from changeflow.worker.ordering import (
+    KEY_HEADER,
+    MEMBER_HEADER,
+    Gate,
+    Order,
+    OrderBook,
+    chain_may_run,
+    order_headers,
+)
 from changeflow.worker.retry import lease_retry_delay, may_retry, retry_delay
 from changeflow.worker.settings import get_settings
 
@@ -67,6 +79,17 @@ log = logging.getLogger(__name__)
 # Message headers the guard adds to its retries (Celery keeps a request's custom headers on retry).
 FIRST_ATTEMPT_HEADER = "changeflow_first_attempt"  # epoch seconds when the first attempt started
 EFFECT_DONE_HEADER = "changeflow_effect_done"  # the effect happened, only its done record is missing
+# Attributes of a request context (not headers: never published). The monotonic time the delivered
+# message's run started; and on a request run inline in a chain, its `_Chain`.
+_STARTED_ATTR = "changeflow_started"
+_CHAIN_ATTR = "changeflow_chain"
+
+
+class _Chain:
+    """A task run inline hands the next parked message of its key to the chain's driver here."""
+
+    def __init__(self) -> None:
+        self.next: bytes | None = None
 
 
 class _DoneNotRecorded(Exception):
@@ -106,6 +129,13 @@ class IdempotentTask(Task):
         if request.called_directly:
             # A plain function call (a shell, a unit test): no task id, so no key and no guard.
             return super().__call__(*args, **kwargs)
+        if getattr(request, _CHAIN_ATTR, None) is None:
+            setattr(request, _STARTED_ATTR, time.monotonic())
+        return self._guard(args, kwargs)
+
+    def _guard(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The guarded run of the current request (a delivered message's, or one run inline)."""
+        request = self.request
         first = first_attempt_at(request, time.time())
         try:
             return self._run_once(request.id, args, kwargs)
@@ -162,6 +192,20 @@ class IdempotentTask(Task):
         args, kwargs = tuple(args or ()), kwargs or {}
         # The request (and its headers) is not at hand here: the order comes from the payload.
         order = self._payload_order(args)
+        if order is not None and _is_done(task_id):
+            # It ended, then the limit hit a task of its key run inline after it (a chain): that one
+            # is published again from its parked copy (kept until it ends) by the advance below.
+            log.error(
+                "%s %s: the hard time limit (%ss) killed a task its key's chain ran after it",
+                self.name, task_id, limit,
+            )  # fmt: skip
+            try:
+                self._advance(order, inline=False)
+            except Exception:
+                log.exception(
+                    "%s %s: could not advance key %r (docs/ordering.md)", self.name, task_id, order.key
+                )
+            return
         try:
             # The retry count died with the process: 1 is a lower bound.
             self._dead_letter(task_id, args, kwargs, error, None, 1, "permanent", order)
@@ -180,7 +224,7 @@ class IdempotentTask(Task):
             return
         if order is not None:
             try:
-                self._advance(order)
+                self._advance(order, inline=False)  # the main process: publish, never run tasks here
             except Exception:
                 log.exception(
                     "%s %s: could not advance its key past the dead letter; key %r waits (docs/ordering.md)",
@@ -270,21 +314,97 @@ class IdempotentTask(Task):
     def _parked(self, order: Order, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Pass the key's gate, or park this message behind its head (True: parked, to be acked)."""
         found = OrderBook.of(get_dedup_store().client).gate(
-            self.name, order, lambda: park_message(self.name, key, args, kwargs, order)
+            self.name,
+            order,
+            lambda: park_message(self.name, key, args, kwargs, order),
+            # Run inline, its parked copy is all there is of it until it ends (a crash republishes it).
+            keep_parked=getattr(self.request, _CHAIN_ATTR, None) is not None,
         )
         if found is Gate.PARKED:
             log.info("parked %s %s: an earlier task of key %s has not ended", self.name, key, order.key)
             return True
         return False
 
-    def _advance(self, order: Order | None) -> None:
-        """Move the key past this task; publish the new head's parked message (before this one's ack)."""
+    def _advance(self, order: Order | None, *, inline: bool = True) -> None:
+        """Move the key past this task; run the new head's parked message inline or publish it (before
+        this one's ack)."""
         if order is None:
             return
         advanced = OrderBook.of(get_dedup_store().client).advance(self.name, order)
         if advanced.parked is None:
             return
-        parked = unpark_message(advanced.parked)
+        chain = getattr(self.request, _CHAIN_ATTR, None)
+        if chain is not None:
+            chain.next = advanced.parked  # run inline itself: the chain's driver goes on with it
+            return
+        if inline and not self.request.is_eager:
+            self._run_chain(advanced.parked, order)
+        else:
+            self._republish(unpark_message(advanced.parked), order)
+
+    def _run_chain(self, parked: bytes | None, order: Order) -> None:
+        """Run the key's next parked tasks here, one after the other, within the chain's bounds; publish
+        the one past them. Each runs through `_guard` as if delivered (gate, dedup, retries, dead letters).
+        """
+        settings = get_settings()
+        started = getattr(self.request, _STARTED_ATTR, None) or time.monotonic()
+        ran = 0
+        while parked is not None:
+            message = unpark_message(parked)
+            if message.get("task") != self.name or not chain_may_run(
+                ran,
+                time.monotonic() - started,
+                max_tasks=settings.ordered_chain_max_tasks,
+                max_seconds=settings.ordered_chain_max_seconds,
+                soft_time_limit=settings.task_soft_time_limit,
+            ):
+                self._republish(message, order)
+                return
+            ran += 1
+            parked = self._run_inline(message)
+
+    def _run_inline(self, message: dict[str, Any]) -> bytes | None:
+        """Run a parked message as this process's current request; the next parked message it handed over."""
+        parent = self.request
+        chain = _Chain()
+        task_id = message["id"]
+        # A fresh context, not push_request (which copies the running request, custom headers such as
+        # the effect-done one included): only where it runs is taken over, the rest is its own.
+        self.request_stack.push(
+            Context(
+                id=task_id, args=list(message["args"]), kwargs=dict(message["kwargs"]),
+                headers=dict(message["headers"]), retries=0, is_eager=False, called_directly=False,
+                delivery_info=parent.delivery_info, hostname=parent.hostname, timelimit=parent.timelimit,
+                ignore_result=parent.ignore_result, correlation_id=task_id, root_id=task_id,
+                parent_id=parent.id, **{_CHAIN_ATTR: chain},
+            )
+        )  # fmt: skip
+        log.info(
+            "chained %s[%s] started: next of its key, run inline after %s", self.name, task_id, parent.id
+        )
+        outcome = "ended"
+        try:
+            self._guard(tuple(message["args"]), dict(message["kwargs"]))
+        except Retry as retry:
+            outcome = f"retry queued ({retry.humanize()})"  # it stays its key's head; the retry runs it
+        except Reject as reject:
+            # Its retry could not be published. Its parked copy is still stored: hand the running
+            # message back (a transient error), whose next delivery hands the key over to it again.
+            raise TransientTaskError(
+                f"could not queue the retry of {task_id}, run inline: {reject.reason}"
+            ) from reject
+        except Ignore:
+            outcome = "ignored"
+        except Exception as exc:
+            # Its dead letter is stored and its key advanced (else the guard raised Retry or Reject).
+            outcome = f"failed ({type(exc).__name__}: {exc})"
+        finally:
+            self.pop_request()
+        log.info("chained %s[%s] %s", self.name, task_id, outcome)
+        return chain.next
+
+    def _republish(self, parked: dict[str, Any], order: Order) -> None:
+        """Publish a parked message again (same id and headers): its own delivery runs it."""
         try:
             self.apply_async(
                 args=parked["args"], kwargs=parked["kwargs"], task_id=parked["id"], headers=parked["headers"]
@@ -384,6 +504,14 @@ class IdempotentTask(Task):
             reason=reason,
             extra=extra,
         )
+
+
+def _is_done(task_id: str) -> bool:
+    try:
+        return get_dedup_store().is_done(task_id)
+    except Exception:
+        log.warning("could not look up whether %s is done", task_id, exc_info=True)
+        return False
 
 
 def request_order(request: Any) -> Order | None:

@@ -5,7 +5,8 @@ resume token `_data`, which sorts as a string in stream order) to the sorted set
 before publishing it (`register`). A worker then runs a message only while its member is the lowest
 of that set (`gate`); otherwise the message is parked in the key's hash (stored, then acked). When
 the head ends (done, duplicate, dead letter), `advance` removes it and returns the new head's parked
-message, which the worker publishes again before its own message is acked. See docs/ordering.md.
+message, which the worker runs inline (a chain, changeflow/worker/idempotent.py) or publishes again,
+before its own message is acked. See docs/ordering.md.
 
 Keys, both deleted by Redis when they empty (all scores are 0, so a set orders by member bytes):
 - `changeflow:order:<task>\\n<key>` sorted set: the members not finished yet, in stream order;
@@ -30,25 +31,28 @@ PARKED_PREFIX = "changeflow:parked:"
 RAN_PAST_LIMIT = 100
 
 # 0: not in the set (finished already, or the set was lost): run; 1: the head: run (and drop a parked
-# copy of itself); 2: not the head: parked; 3: not the head, and no message given (ARGV[2] empty): call
-# again with it. One script, so no head can finish between look and park; the message is only built
-# (serialized) when the cheap first call says it must be parked.
+# copy of itself, unless ARGV[3] is '1': a run inline in a chain, whose parked copy is the only stored
+# one until it ends); 2: not the head: parked; 3: not the head, and no message given (ARGV[2] empty):
+# call again with it. One script, so no head can finish between look and park; the message is only
+# built (serialized) when the cheap first call says it must be parked.
 _GATE = """
 if not redis.call('zscore', KEYS[1], ARGV[1]) then return 0 end
 local head = redis.call('zrange', KEYS[1], 0, 0)[1]
 if head == ARGV[1] then
-  redis.call('hdel', KEYS[2], ARGV[1])
+  if ARGV[3] ~= '1' then redis.call('hdel', KEYS[2], ARGV[1]) end
   return 1
 end
 if ARGV[2] == '' then return 3 end
 redis.call('hset', KEYS[2], ARGV[1], ARGV[2])
 return 2
 """
-# Remove the member (a no-op when it is gone already) and return the new head and its parked message
-# if it has one. The parked message stays in the hash until its copy passes the gate, so a worker
-# dying before it published the copy loses nothing: its redelivery advances again and gets it again.
+# Remove the member and a parked copy of it (no-ops when gone already) and return the new head and its
+# parked message if it has one. The parked message stays in the hash until its copy passes the gate
+# (or, run inline, until it ends), so a worker dying before it published or ran it loses nothing: its
+# redelivery advances again and gets it again.
 _ADVANCE = """
 redis.call('zrem', KEYS[1], ARGV[1])
+redis.call('hdel', KEYS[2], ARGV[1])
 local head = redis.call('zrange', KEYS[1], 0, 0)[1]
 if not head then return {} end
 local parked = redis.call('hget', KEYS[2], head)
@@ -130,22 +134,30 @@ class OrderBook:
         pipe.execute()
         return sum(len(m) for m in by_set.values())
 
-    def gate(self, task_name: str, order: Order, parked_message: bytes | Callable[[], bytes]) -> Gate:
+    def gate(
+        self,
+        task_name: str,
+        order: Order,
+        parked_message: bytes | Callable[[], bytes],
+        *,
+        keep_parked: bool = False,
+    ) -> Gate:
         """Run now, or park the message behind the key's head (atomic); RUN, HEAD or PARKED.
 
         `parked_message` may be a function making it: called only when the message must be parked.
+        `keep_parked`: a head keeps its parked copy (a run inline, with no message of its own).
         """
         if callable(parked_message):
-            found = self._gate_once(task_name, order, b"")
+            found = self._gate_once(task_name, order, b"", keep_parked)
             if found is not Gate.MUST_PARK:
                 return found
             parked_message = parked_message()
-        return self._gate_once(task_name, order, parked_message)
+        return self._gate_once(task_name, order, parked_message, keep_parked)
 
-    def _gate_once(self, task_name: str, order: Order, parked_message: bytes) -> Gate:
+    def _gate_once(self, task_name: str, order: Order, parked_message: bytes, keep_parked: bool) -> Gate:
         found = self._gate(
             keys=[queue_key(task_name, order.key), parked_key(task_name, order.key)],
-            args=[order.member, parked_message],
+            args=[order.member, parked_message, "1" if keep_parked else "0"],
         )
         return Gate(int(found))
 
@@ -177,3 +189,14 @@ class OrderBook:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def chain_may_run(
+    ran: int, elapsed: float, *, max_tasks: int, max_seconds: float, soft_time_limit: float
+) -> bool:
+    """Whether a chain that ran `ran` tasks inline, `elapsed` s after its head started, runs one more.
+
+    The head's time limits cover the whole chain (one job of the pool): stopping at half the soft
+    limit leaves a chained task at least the other half before the soft limit interrupts it.
+    """
+    return ran < max_tasks and elapsed < min(float(max_seconds), soft_time_limit / 2)

@@ -135,6 +135,12 @@ class Settings:
     # the time limit is what counts); otherwise Redis redelivers tasks that are still running.
     broker_visibility_timeout: int = 3600
     dedup_ttl_seconds: int = 7 * 24 * 3600
+    # Per-key ordering: a task whose end hands its key over to a parked task runs that one in the same
+    # process (and the next, ...) instead of publishing it again, at most this many per chain and while
+    # less than this many seconds (capped at half TASK_SOFT_TIME_LIMIT) passed since it started; the
+    # rest is published as before. 0 tasks: always publish. docs/ordering.md, "Chains".
+    ordered_chain_max_tasks: int = 16
+    ordered_chain_max_seconds: int = 5
     # A worker sends its buffered task events (what Flower shows) at most this often, in one message
     # (0: on the event loop's next turn, Celery's own behaviour). changeflow/worker/consumer.py.
     worker_event_flush_ms: int = 20
@@ -247,6 +253,8 @@ INT_RANGES: dict[str, tuple[int, int | None]] = {
     "retry_backoff_max": (1, None),
     "broker_visibility_timeout": (1, None),
     "dedup_ttl_seconds": (1, None),
+    "ordered_chain_max_tasks": (0, 10_000),
+    "ordered_chain_max_seconds": (0, None),
     "worker_event_flush_ms": (0, None),
     "listener_batch_size": (1, None),
     "listener_max_await_ms": (MIN_MAX_AWAIT_MS, None),

@@ -155,3 +155,18 @@ def test_the_message_is_only_made_when_it_must_be_parked(book: OrderBook) -> Non
     assert made == ["8202"]
     assert book.parked(TASK, KEY) == {"8202": b"m8202"}
     assert OrderBook.of(book.client) is OrderBook.of(book.client)
+
+
+def test_a_head_run_inline_keeps_its_parked_copy_until_it_advances(book: OrderBook) -> None:
+    """A chain runs a parked task with no message of its own: a crash mid-run must find it again."""
+    book.register([(TASK, order("8201")), (TASK, order("8202")), (TASK, order("8203"))])
+    assert book.gate(TASK, order("8202"), b"m2") is Gate.PARKED
+    assert book.gate(TASK, order("8203"), b"m3") is Gate.PARKED
+    assert book.advance(TASK, order("8201")) == Advanced("8202", b"m2")
+    assert book.gate(TASK, order("8202"), lambda: b"unused", keep_parked=True) is Gate.HEAD
+    assert book.parked(TASK, KEY) == {"8202": b"m2", "8203": b"m3"}
+    # The worker dies here: 8201's redelivery finds itself done and advances again: 8202 comes back.
+    assert book.advance(TASK, order("8201")) == Advanced("8202", b"m2")
+    # 8202 ends: its member and its parked copy go together, 8203 is handed over.
+    assert book.advance(TASK, order("8202")) == Advanced("8203", b"m3")
+    assert book.parked(TASK, KEY) == {"8203": b"m3"}

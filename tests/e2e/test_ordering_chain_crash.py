@@ -1,0 +1,93 @@
+"""A worker SIGKILLed in the middle of a chain (docs/ordering.md, "Chains"): nothing lost, order kept.
+
+One order's three status notifications (`tasks.send_shipping_notification`, ordered per order) are
+queued before a worker (the fault suite's app: every task pauses 1.5 s after its effect, before its
+done record) starts: the first runs, the other two are parked, and the first's end runs the second
+inline. The worker is SIGKILLed while that chained task is in its pause. A new worker gets the first
+task's message again (never acked), finds it done, hands the key over again from the parked copies
+and runs the rest: every email arrives, in order; only the chained task caught by the kill may be
+mailed twice (the README's crash window), and no key is left waiting.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from bson import ObjectId
+
+from harness.pipeline import LocalPipeline, wait_until
+from harness.processes import ManagedProcess, worker_process
+from tests.faults.knobs import DELAY_ENV, FAULT_WORKER, FLAG_ENV, WINDOW_LOG
+
+pytestmark = pytest.mark.e2e
+
+TASK = "tasks.send_shipping_notification"
+STATUSES = ("shipped", "delivered", "shipped")
+
+
+def test_a_worker_killed_mid_chain_loses_nothing_and_keeps_the_order(tmp_path: Path) -> None:
+    flag = tmp_path / "slow"
+    flag.touch()
+    env = {
+        "BROKER_VISIBILITY_TIMEOUT": "10",
+        "TASK_TIME_LIMIT": "5",
+        "TASK_SOFT_TIME_LIMIT": "4",
+        "RETRY_BACKOFF_MAX": "2",
+        FLAG_ENV: str(flag),
+        DELAY_ENV: "1500",
+    }
+    pipeline = LocalPipeline(workers=0, extra_env=env, worker_app=FAULT_WORKER).start(listener=False)
+    processes = []
+    try:
+        user_id, order_id = ObjectId(), ObjectId()
+        pipeline.db.users.insert_one({"_id": user_id, "email": "buyer@example.com", "name": "Buyer"})
+        pipeline.db.orders.insert_one({"_id": order_id, "user_id": user_id, "status": "paid"})
+        pipeline.start_listener()
+        for status in STATUSES:
+            pipeline.db.orders.update_one({"_id": order_id}, {"$set": {"status": status}})
+        client = pipeline.redis_client()
+        # 3 notifications + 3 analytics updates, all queued before any worker runs.
+        assert wait_until(lambda: client.llen("celery") == 6, timeout=60), client.llen("celery")
+
+        def worker(name: str) -> ManagedProcess:
+            process = worker_process(
+                pipeline.env, name, app=FAULT_WORKER, concurrency=4, log_dir=pipeline.log_dir
+            )
+            processes.append(process.start(timeout=90))
+            return process
+
+        victim = worker("chainw1")
+        chained = victim.wait_for_log(
+            rf"chained {re.escape(TASK)}\[([0-9a-f-]+)\] started", timeout=60
+        ).group(1)
+        victim.wait_for_log(rf"{WINDOW_LOG} {re.escape(TASK)} {chained}", timeout=30)
+        victim.kill()  # the chained task's email went out, its done record did not
+        flag.unlink()
+        rescuer = worker("chainw2")
+
+        sink = pipeline.sink
+        assert sink is not None
+        assert wait_until(lambda: len({str(m["Message-ID"]) for m in sink.messages}) == 3, timeout=90), (
+            pipeline.logs()
+        )
+        time.sleep(2)  # quiet: a lost hand-over or a further copy would show now
+        first: dict[str, str] = {}
+        for message in sink.messages:
+            first.setdefault(str(message["Message-ID"]), str(message["Subject"]))
+        statuses = ["delivered" if "delivered" in s else "shipped" for s in first.values()]
+        assert statuses == list(STATUSES), first
+        doubled = {mid for mid, n in sink.count_by_message_id().items() if n > 1}
+        assert doubled <= {f"<{chained}@changeflow>"}, doubled
+        assert pipeline.db.changeflow_dead_letters.count_documents({}) == 0
+        # The first task's message came back (never acked), found itself done and handed over again.
+        assert f"duplicate {TASK}" in rescuer.log_text(), rescuer.log_text()[-3000:]
+        assert list(client.scan_iter("changeflow:order:*")) == []
+        assert list(client.scan_iter("changeflow:parked:*")) == []
+        client.close()
+    finally:
+        for process in processes:
+            process.stop()
+        pipeline.stop()
