@@ -50,6 +50,7 @@ from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from changeflow.worker.dead_letters import record_dead_letter
 from changeflow.worker.dedup import Claim, DedupStore, get_dedup_store
 from changeflow.worker.errors import Skip, is_transient
+from changeflow.worker.metrics import dead_letter_stored, outcome
 from changeflow.worker.mongo import get_db
 from changeflow.worker.retry import lease_retry_delay, may_retry, retry_delay
 from changeflow.worker.settings import get_settings
@@ -194,6 +195,7 @@ class IdempotentTask(Task):
             "TASK_RETRY_FOR_SECONDS (%s: %s); a later duplicate delivery would repeat the effect",
             self.name, key, type(cause).__name__, cause,
         )  # fmt: skip
+        outcome(self.name, "done")  # the effect happened; only its record is missing
         return None
 
     def _run_once(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -202,6 +204,7 @@ class IdempotentTask(Task):
         claim = store.claim(key, owner)
         if claim is Claim.DONE:
             log.info("duplicate %s %s", self.name, key)
+            outcome(self.name, "duplicate")
             return None
         if claim is Claim.BUSY:
             raise self._retry_while_leased(key, args, kwargs)
@@ -210,17 +213,20 @@ class IdempotentTask(Task):
             # An earlier delivery ran the body; only its done record is missing. Never run it again.
             self._mark_done(store, key, owner, str(recorded_effect))
             log.info("done record stored %s %s (the effect happened on an earlier delivery)", self.name, key)
+            outcome(self.name, "done")
             return None
         try:
             result = self.run(*args, **kwargs)
         except Skip as skip:
             self._mark_done(store, key, owner, "skipped")
             log.info("skip %s %s: %s", self.name, key, skip)
+            outcome(self.name, "skip")
             return None
         except BaseException:
             self._release(store, key, owner)
             raise
         self._mark_done(store, key, owner, "ok")
+        outcome(self.name, "done")
         return result
 
     def _mark_done(self, store: DedupStore, key: str, owner: str, outcome: str) -> None:
@@ -278,6 +284,7 @@ class IdempotentTask(Task):
             attempts=attempts,
             reason=reason,
         )
+        dead_letter_stored(self.name, reason)
 
 
 def current_key() -> str:
