@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OUTCOMES = ("done", "duplicate", "skip", "retry", "dead_letter")
+WORKER_DEAD_LETTER_REASONS = ("permanent", "retries_exhausted", "undecodable")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Every metric this module defines (tests check that dashboards and alerts name only these).
 METRIC_NAMES = (
@@ -138,11 +140,25 @@ def _on_worker_init(**_: object) -> None:
         prepare_multiprocess_dir()
 
 
+def declare(task_names: Iterable[str]) -> None:
+    """Show every task's outcomes and dead letters at 0 before the first one: an alert on their
+    increase then sees the first dead letter too (a series that starts at 1 has no increase)."""
+    metrics = task_metrics()
+    for task in task_names:
+        for what in OUTCOMES:
+            metrics.outcomes.labels(task, what)
+        for reason in WORKER_DEAD_LETTER_REASONS:
+            metrics.dead_letters.labels(task, reason)
+
+
 @worker_ready.connect
-def _on_worker_ready(**_: object) -> None:
+def _on_worker_ready(sender: Any = None, **_: object) -> None:
     settings = get_settings()
     if settings.worker_metrics_port is None:
         return
+    app = getattr(sender, "app", None)
+    if app is not None:
+        declare(name for name in app.tasks if not name.startswith("celery."))
     try:
         serve(settings.metrics_host, settings.worker_metrics_port)
     except OSError as exc:
