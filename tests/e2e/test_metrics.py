@@ -7,6 +7,7 @@ checkpoint stays put and the oplog rolls over.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,6 +19,8 @@ from bson import ObjectId
 from changeflow.listener.checkpoints import COLLECTION as CHECKPOINTS
 from harness.metrics import Samples, has, scrape, value
 from harness.pipeline import LocalPipeline, wait_until
+from harness.ports import free_port
+from harness.processes import ManagedProcess, python_module
 from harness.workload import NOTIFIED_STATUSES, apply, plan
 
 pytestmark = pytest.mark.e2e
@@ -208,3 +211,41 @@ def test_lag_and_oplog_headroom_follow_the_stream() -> None:
     assert value(after, "changeflow_listener_lag_seconds") == 0
     assert value(after, "changeflow_listener_events_total", collection="users", operation="insert") == 5
     assert value(after, "changeflow_listener_tasks_published_total", task=WELCOME) == 5
+
+
+def _worker(pipeline: LocalPipeline, name: str, *options: str) -> ManagedProcess:
+    port = free_port()
+    pipeline.metrics_ports[name] = port
+    args = [
+        "-A", "worker", "worker", "--loglevel", "INFO", "--hostname", f"{name}@%h",
+        "--without-mingle", "--without-gossip", *options,
+    ]  # fmt: skip
+    env = {**pipeline.env, "WORKER_METRICS_PORT": str(port)}
+    process = python_module(name, "celery", *args, env=env, ready=r"ready\.", log_dir=pipeline.log_dir)
+    pipeline.workers.append(process)
+    return process.start(timeout=60)
+
+
+def test_threads_pool_and_replaced_pool_processes_count_every_delivery() -> None:
+    """A threads worker, and a prefork worker whose pool processes exit after 2 tasks each: the
+    counts of processes that are gone stay in the sums."""
+    work = plan(users=15, orders=0)
+    with LocalPipeline(workers=0, metrics=True) as pipeline:
+        _worker(pipeline, "threads", "-P", "threads", "--concurrency", "2")
+        prefork = _worker(pipeline, "prefork", "--concurrency", "2", "--max-tasks-per-child", "2")
+        apply(pipeline.db, work)
+
+        def done(task: str) -> float:
+            return _workers_sum(pipeline, "changeflow_task_outcomes_total", task=task, outcome="done")
+
+        settled = wait_until(lambda: done(WELCOME) == 15 and done(PROFILE) == 15, timeout=90)
+        assert settled, f"{done(WELCOME)} {done(PROFILE)}\n{pipeline.logs()}"
+        shares = {
+            w.name: value(scrape(pipeline.metrics_url(w.name)), "changeflow_task_outcomes_total")
+            for w in pipeline.workers
+        }
+        prefork_log = prefork.log_text()
+
+    assert shares["threads"] > 0 and shares["prefork"] > 0 and sum(shares.values()) == 30
+    # More pool processes ran tasks than the pool ever held at once: some exited and were replaced.
+    assert len(set(re.findall(r"ForkPoolWorker-(\d+)\]", prefork_log))) > 2, prefork_log[-3000:]
