@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what changeflow needs on a Debian machine with Python 3.11+: the Debian packages it runs
 # (redis-server, redis-sentinel and openssl for the Sentinel and TLS tests, chromium for the realtime
-# page's browser test, prometheus for promtool, and python3-venv where the interpreter lacks it), then a project virtualenv (.venv, or $CHANGEFLOW_VENV) holding changeflow
+# page's browser test, prometheus for promtool (the alert rules' tests), and python3-venv where the
+# interpreter lacks it), then a project virtualenv (.venv, or $CHANGEFLOW_VENV) holding changeflow
 # with its test extras (pip, editable).
 # Never the system interpreter: Debian's is externally managed (PEP 668).
 set -euo pipefail
