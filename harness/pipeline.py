@@ -22,6 +22,7 @@ import redis
 from pymongo.database import Database
 
 from changeflow.worker.redis_conn import parse_redis_url
+from harness.ports import free_port
 from harness.processes import (
     ManagedProcess,
     console_process,
@@ -58,6 +59,7 @@ class LocalPipeline:
         realtime_port: int | None = None,
         realtime_demo: bool = False,
         console: bool = False,
+        metrics: bool = False,
     ) -> None:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="changeflow-run-"))
         self.worker_count = workers
@@ -96,6 +98,9 @@ class LocalPipeline:
         self.workers: list[ManagedProcess] = []
         self.flower: ManagedProcess | None = None
         self.client: pymongo.MongoClient | None = None
+        # /metrics of the listener and of each worker, on ports of their own (kept across restarts).
+        self.metrics = metrics
+        self.metrics_ports: dict[str, int] = {}
 
     # -- start and stop ---------------------------------------------------------------------
     def start(self, *, listener: bool = True) -> LocalPipeline:
@@ -155,7 +160,8 @@ class LocalPipeline:
         }
 
     def start_listener(self, *args: str, name: str = "listener") -> ManagedProcess:
-        self.listener = listener_process(self.env, *args, log_dir=self.log_dir, name=name).start()
+        env = {**self.env, **self._metrics_env("LISTENER_METRICS_PORT", name)}
+        self.listener = listener_process(env, *args, log_dir=self.log_dir, name=name).start()
         return self.listener
 
     def start_realtime(self) -> ManagedProcess:
@@ -178,11 +184,22 @@ class LocalPipeline:
         return self.console
 
     def start_worker(self, name: str) -> ManagedProcess:
+        env = {**self.env, **self._metrics_env("WORKER_METRICS_PORT", name)}
         worker = worker_process(
-            self.env, name, app=self.worker_app, concurrency=self.worker_concurrency, log_dir=self.log_dir
+            env, name, app=self.worker_app, concurrency=self.worker_concurrency, log_dir=self.log_dir
         )
         self.workers.append(worker.start(timeout=60))
         return worker
+
+    def _metrics_env(self, variable: str, name: str) -> dict[str, str]:
+        if not self.metrics:
+            return {}
+        port = self.metrics_ports.setdefault(name, free_port())
+        return {variable: str(port)}
+
+    def metrics_url(self, name: str) -> str:
+        """The /metrics address of the listener or worker started as `name` (metrics=True)."""
+        return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
 
     def stop(self) -> None:
         for process in [self.listener, self.flower, self.realtime, self.console, *self.workers]:

@@ -186,6 +186,7 @@ def run(argv: Sequence[str], app_spec: str | None = None) -> int:
         from changeflow.listener.checkpoints import CheckpointStore
         from changeflow.listener.health import HealthFile, default_path
         from changeflow.listener.lease import Lease
+        from changeflow.listener.metrics import ListenerMetrics, serve
         from changeflow.listener.publish import make_publisher, task_queues
         from changeflow.listener.stream import Listener
         from changeflow.worker.serialization import MONGO_CLIENT_OPTIONS
@@ -221,6 +222,21 @@ def run(argv: Sequence[str], app_spec: str | None = None) -> int:
         if settings.listener_max_queue_length:
             queues = task_queues(app, [name for route in app.routes for name in route.tasks])
             backpressure = Backpressure(BrokerQueueLength(app, queues), settings.listener_max_queue_length)
+        metrics = ListenerMetrics(stream)
+        if settings.listener_metrics_port is not None:
+            # A client of its own for the scrape-time queries: a short wait when MongoDB is away.
+            metrics_client = pymongo.MongoClient(
+                settings.mongodb_uri,
+                appname="changeflow-listener-metrics",
+                serverSelectionTimeoutMS=2000,
+                **MONGO_CLIENT_OPTIONS,
+            )
+            metrics.db = metrics_client[settings.mongodb_db]
+            try:
+                serve(metrics, settings.metrics_host, settings.listener_metrics_port)
+            except OSError as exc:
+                where = f"{settings.metrics_host}:{settings.listener_metrics_port}"
+                raise ValueError(f"LISTENER_METRICS_PORT: cannot serve metrics on {where}: {exc}") from None
         listener = Listener(
             db,
             publisher,
@@ -233,6 +249,7 @@ def run(argv: Sequence[str], app_spec: str | None = None) -> int:
             health=health,
             on_history_lost=args.on_history_lost,
             backpressure=backpressure,
+            metrics=metrics,
         )
     except (ValueError, ConfigurationError) as exc:
         what = "app" if type(exc).__name__ == "AppError" else "settings"  # changeflow.app.AppError

@@ -53,7 +53,6 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from bson.timestamp import Timestamp
 from pymongo.change_stream import ChangeStream
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
@@ -68,6 +67,7 @@ from changeflow.listener.gaps import COLLECTION as GAPS_COLLECTION
 from changeflow.listener.gaps import GapStore
 from changeflow.listener.health import HealthFile
 from changeflow.listener.lease import Lease, LeaseLost, server_clock
+from changeflow.listener.metrics import ListenerMetrics, event_time
 from changeflow.listener.pre_images import PreImagesRefused
 from changeflow.listener.publish import (
     BrokerUnavailable,
@@ -176,6 +176,7 @@ class Listener:
         gaps: GapStore | None = None,
         on_history_lost: str | None = None,
         backpressure: Backpressure | None = None,
+        metrics: ListenerMetrics | None = None,
     ) -> None:
         settings = settings or get_settings()
         if settings.listener_batch_size < 1:
@@ -198,6 +199,8 @@ class Listener:
         self.on_history_lost = on_history_lost
         self.backpressure = backpressure
         self.stream_name = self.settings.listener_stream_name
+        self.metrics = metrics or ListenerMetrics(self.stream_name)
+        self.metrics.holds_lease(lambda: self.lease.held if self.lease is not None else self.ready.is_set())
         self.pipeline = [{"$match": compile_match(self.routes)}]  # fails early on an empty route table
         # Collections whose routes need pre-images: enabled once active, then asked of the stream.
         self.pre_image_collections = pre_images.collections_needing_pre_images(self.routes)
@@ -368,6 +371,7 @@ class Listener:
             else:
                 self._time_source = "unknown"
         self.stats.checkpoint = self._saved
+        self.metrics.checkpoint(self._position_time if self._saved is not None else None)
         if self._saved is None:
             log.info("no checkpoint for stream %s: starting now", self.stream_name)
         else:
@@ -428,6 +432,7 @@ class Listener:
             # First start ever: make "now" durable at once, so a crash before the first event still
             # resumes here instead of at a later "now".
             self._checkpoint(self._position, self._position_time)
+        self.metrics.opened(self._position_time)
         if not self.ready.is_set():
             self.ready.set()
             self._beat()
@@ -439,10 +444,12 @@ class Listener:
             self._hold_while_queue_full()
             started = datetime.now(UTC)
             events, token = self._collect(stream)
+            # No event and no split event begun: the getMore came back empty, the stream is caught up.
+            self.metrics.read(events, idle=not events and not self._fragments.pending)
             self._beat()  # a getMore returned: the loop is alive
             self._keep_lease()
             if events:
-                self._pending = Batch(len(events), self._messages(events), token, _event_time(events[-1]))
+                self._pending = Batch(len(events), self._messages(events), token, event_time(events[-1]))
                 self._advance(token, self._pending.time or started)
                 self._deliver_pending()
             else:
@@ -542,7 +549,9 @@ class Listener:
             return
         if batch.messages:
             self._keep_lease()  # never publish on a lease not confirmed within the renew interval
+            publish_started = time.monotonic()
             rejected = self.publisher.publish(batch.messages)  # raises BrokerUnavailable
+            self.metrics.published(batch.messages, rejected, time.monotonic() - publish_started)
             published = len(batch.messages) - len(rejected)
             self.stats.tasks += published
             if self.backpressure is not None:
@@ -553,6 +562,7 @@ class Listener:
             batch.messages, batch.rejected = [], list(rejected)
         while batch.rejected:
             self.dead_letter(batch.rejected[0])
+            self.metrics.dead_lettered(batch.rejected[0].message.task_name)
             batch.rejected.pop(0)
             self.stats.dead_letters += 1
         if self._since_saved() >= self.settings.listener_checkpoint_interval_ms / 1000:
@@ -579,6 +589,7 @@ class Listener:
         self._saved, self._saved_at = token, time.monotonic()
         self._unsaved_events = False
         self.stats.checkpoint = token
+        self.metrics.checkpoint(when)
         if self.health is not None:
             self.health.progress()
 
@@ -707,17 +718,6 @@ class Listener:
             self.stream_name, self.stats.events, self.stats.tasks, self.stats.dead_letters,
             _show(self.stats.checkpoint),
         )  # fmt: skip
-
-
-def _event_time(event: Mapping[str, Any]) -> datetime | None:
-    """When the event happened: its wallTime, else its clusterTime."""
-    wall = event.get("wallTime")
-    if isinstance(wall, datetime):
-        return wall if wall.tzinfo else wall.replace(tzinfo=UTC)
-    cluster = event.get("clusterTime")
-    if isinstance(cluster, Timestamp):
-        return cluster.as_datetime()
-    return None
 
 
 def _iso(value: datetime | None) -> str:

@@ -21,6 +21,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.message import Message
 
 from changeflow.worker.dead_letters import record_dead_letter, undecodable_payload
+from changeflow.worker.metrics import dead_letter_stored
 from changeflow.worker.mongo import get_db
 from changeflow.worker.ordering import KEY_HEADER
 from changeflow.worker.settings import get_settings
@@ -95,6 +96,7 @@ class Consumer(CeleryConsumer):
             else:
                 message.reject(requeue=True)
             return
+        dead_letter_stored(task_name, "undecodable")
         if KEY_HEADER in headers:  # an ordered task's message
             _advance_past(self.app, task_name, headers)
         message.ack()

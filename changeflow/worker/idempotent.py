@@ -61,6 +61,7 @@ from changeflow.worker.dead_letters import record_dead_letter
 from changeflow.worker.dedup import Claim, DedupStore, get_dedup_store
 from changeflow.worker.errors import Skip, TransientTaskError, is_transient
 from changeflow.worker.keys import dedup_key
+from changeflow.worker.metrics import dead_letter_stored, outcome
 from changeflow.worker.mongo import get_db
 from changeflow.worker.ordering import (
     KEY_HEADER,
@@ -254,7 +255,7 @@ class IdempotentTask(Task):
             # message (requeue=False): hand it back instead, it runs again once the broker is back.
             raise Reject(reject.reason, requeue=True) from exc
 
-    def _done_not_recorded(self, cause: BaseException, outcome: str, first: float) -> None:
+    def _done_not_recorded(self, cause: BaseException, effect: str, first: float) -> None:
         """The effect happened, its done record is missing: retry the record alone, within the budget."""
         key = self.request.id
         if self._may_retry(first):
@@ -262,12 +263,13 @@ class IdempotentTask(Task):
                 "%s %s: the effect happened, its done record failed (%s: %s); only the record is retried",
                 self.name, key, type(cause).__name__, cause,
             )  # fmt: skip
-            raise self._hand_back(cause, first, **{EFFECT_DONE_HEADER: outcome}) from cause
+            raise self._hand_back(cause, first, **{EFFECT_DONE_HEADER: effect}) from cause
         log.error(
             "%s %s: the effect happened, but its done record could not be stored within "
             "TASK_RETRY_FOR_SECONDS (%s: %s); a later duplicate delivery would repeat the effect",
             self.name, key, type(cause).__name__, cause,
         )  # fmt: skip
+        outcome(self.name, "done")  # the effect happened; only its record is missing
         order = request_order(self.request)
         if order is not None:
             try:
@@ -285,6 +287,7 @@ class IdempotentTask(Task):
         claim = store.claim(key, owner)
         if claim is Claim.DONE:
             log.info("duplicate %s %s", self.name, key)
+            outcome(self.name, "duplicate")
             self._advance(order)  # idempotent: a redelivered head may have died before it advanced
             return None
         if claim is Claim.BUSY:
@@ -294,6 +297,7 @@ class IdempotentTask(Task):
             # An earlier delivery ran the body; only its done record is missing. Never run it again.
             self._mark_done(store, key, owner, str(recorded_effect))
             log.info("done record stored %s %s (the effect happened on an earlier delivery)", self.name, key)
+            outcome(self.name, "done")
             self._advance(order)
             return None
         try:
@@ -301,12 +305,14 @@ class IdempotentTask(Task):
         except Skip as skip:
             self._mark_done(store, key, owner, "skipped")
             log.info("skip %s %s: %s", self.name, key, skip)
+            outcome(self.name, "skip")
             self._advance(order)
             return None
         except BaseException:
             self._release(store, key, owner)
             raise
         self._mark_done(store, key, owner, "ok")
+        outcome(self.name, "done")
         # An error here is transient (Redis, the broker): the retry finds the key done and advances.
         self._advance(order)
         return result
@@ -504,6 +510,7 @@ class IdempotentTask(Task):
             reason=reason,
             extra=extra,
         )
+        dead_letter_stored(self.name, reason)
 
 
 def _is_done(task_id: str) -> bool:

@@ -192,6 +192,12 @@ class Settings:
     console_host: str = "127.0.0.1"
     console_port: int = 8100
     flower_url: str = ""
+    # Prometheus /metrics (changeflow/listener/metrics.py, changeflow/worker/metrics.py): served by the
+    # listener and by each worker's main process on these ports when set (unset: no server).
+    listener_metrics_port: int | None = None
+    worker_metrics_port: int | None = None
+    # The address those servers bind (compose: 0.0.0.0, so the Prometheus container reaches them).
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -268,6 +274,8 @@ INT_RANGES: dict[str, tuple[int, int | None]] = {
     "realtime_demo": (0, 1),
     "realtime_follower_batch_size": (1, None),
     "console_port": (0, 65535),
+    "listener_metrics_port": (1, 65535),  # optional: None (unset) serves no metrics
+    "worker_metrics_port": (1, 65535),
 }
 
 
@@ -301,6 +309,8 @@ def settings_problems(settings: Settings) -> list[str]:
         problems += _redis_url_problems("REALTIME_REDIS_URL", s.realtime_redis_url, REDIS_SCHEMES, s)
     if not s.realtime_channel.strip():
         problems.append("REALTIME_CHANNEL must not be empty")
+    if not s.metrics_host.strip() or any(c.isspace() for c in s.metrics_host):
+        problems.append(f"METRICS_HOST must be a host name or address, got {s.metrics_host!r}")
     if not s.realtime_host.strip() or any(c.isspace() for c in s.realtime_host):
         problems.append(f"REALTIME_HOST must be a host name or address, got {s.realtime_host!r}")
     problems += _redis_url_problems("CACHE_REDIS_URL", s.cache_redis_url, REDIS_SCHEMES, s)

@@ -7,6 +7,7 @@ the variable (or flag), passwords masked; never `listener ready` followed by a c
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,8 @@ def refused(process: Process, *names: str) -> str:
         ("LISTENER_MAX_AWAIT_MS", "0"),
         ("LISTENER_BATCH_SIZE", "0"),
         ("LISTENER_MAX_QUEUE_LENGTH", "-5"),
+        ("LISTENER_METRICS_PORT", "70000"),
+        ("METRICS_HOST", "not a host"),
         # Brokers the listener's publisher (and the workers' dedup store) cannot use: before, the
         # listener said `listener ready`, then died at the first event with the password in clear.
         ("CELERY_BROKER_URL", f"amqp://guest:{SECRET}@127.0.0.1:5672//"),
@@ -88,6 +91,19 @@ def test_an_unwritable_health_file_is_refused_at_start(
     from_env = Process({**env, "LISTENER_HEALTH_FILE": str(not_a_directory / "h.json")})
     processes.append(from_env)
     refused(from_env, "LISTENER_HEALTH_FILE")
+
+
+def test_a_metrics_port_in_use_is_refused_at_start(
+    env: dict[str, str],  # noqa: F811
+    processes: list[Process],  # noqa: F811
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = Process({**env, "LISTENER_METRICS_PORT": str(port)})
+        processes.append(process)
+        refused(process, f"LISTENER_METRICS_PORT: cannot serve metrics on 127.0.0.1:{port}")
 
 
 def test_credentials_mongodb_refuses_stop_the_listener_with_the_usage_code(

@@ -107,7 +107,7 @@ def configured() -> dict[str, Any]:
 def test_every_published_port_is_bound_to_localhost() -> None:
     services = load()["services"]
     published = {name: service["ports"] for name, service in services.items() if "ports" in service}
-    assert set(published) == {"mongo", "redis", "mailsink", "flower", "realtime", "console"}
+    assert set(published) == {"mongo", "redis", "mailsink", "flower", "realtime", "console", "prometheus"}
     for name, ports in published.items():
         for port in ports:
             assert host_ip(port) == "127.0.0.1", f"{name} publishes {port!r} beyond this machine"
@@ -202,3 +202,31 @@ def test_env_file_is_ignored_by_git() -> None:
 )
 def test_interpolate(text: str, env: dict[str, str], result: str) -> None:
     assert interpolate(text, env) == result
+
+
+def test_prometheus_scrapes_the_listener_the_workers_and_flower_where_they_serve() -> None:
+    services = configured()["services"]
+    scrape = yaml.safe_load((COMPOSE.parent / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    targets = {
+        name: [(sd["names"], sd["port"]) for sd in job.get("dns_sd_configs", [])]
+        + [(c["targets"], None) for c in job.get("static_configs", [])]
+        for name, job in jobs.items()
+    }
+    for service in ("listener", "worker"):
+        settings = Settings.from_env(services[service]["environment"])
+        port = settings.listener_metrics_port if service == "listener" else settings.worker_metrics_port
+        assert targets[f"changeflow-{service}"] == [([service], port)]
+        assert settings.metrics_host == "0.0.0.0"  # reachable from the prometheus container
+    flower = services["flower"]["command"]
+    assert targets["flower"] == [(["flower:5555"], None)] and "--port=5555" in flower
+    # Flower asks for its basic auth: the user replaces FLOWER_USER at start, the password goes to a file.
+    assert jobs["flower"]["basic_auth"] == {
+        "username": "FLOWER_USER", "password_file": "/prometheus/flower_password"
+    }  # fmt: skip
+    prometheus = services["prometheus"]
+    assert prometheus["environment"]["FLOWER_BASIC_AUTH"] == FLOWER
+    start = prometheus["command"][0]
+    assert 'sed "s/FLOWER_USER/${auth%%:*}/"' in start and "/prometheus/flower_password" in start
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    assert scrape["rule_files"] == ["alerts.yml"]

@@ -123,6 +123,9 @@ class EventLog:
         self.trimmed_seq = 0
         self.trimmed_ts: Timestamp | None = None
         self.closed = False
+        # The replica set's first oplog entry (mongod's "initiating set" no-op): the oldest until trimmed.
+        self.started_ts = self.clock.now()
+        self.started_wall = datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
 
     def append(self, records: list[ChangeRecord], lsid: dict | None = None, txn_number: Any = None) -> None:
         """Stamp and store records; the caller holds the storage lock, so log order == write order."""

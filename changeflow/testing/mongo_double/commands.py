@@ -18,7 +18,7 @@ import mongomock
 from bson import Binary, Int64, ObjectId
 from mongomock.filtering import filter_applies
 
-from changeflow.testing.mongo_double import changestreams, storage
+from changeflow.testing.mongo_double import changestreams, oplog, storage
 from changeflow.testing.mongo_double.changestreams import ChangeStream, EventLog
 from changeflow.testing.mongo_double.cursors import DEFAULT_FIRST_BATCH, CursorTable, ResultCursor
 from changeflow.testing.mongo_double.errors import (
@@ -570,7 +570,10 @@ def cmd_find(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transac
         if cmd.get(option):
             raise MongoError(115, f"find option '{option}' is not supported by the MongoDB test server")
     ns = f"{db}.{coll}"
-    docs = _read(ctx, txn, lambda view: list(storage.iter_find(view.collection(db, coll), cmd)), ns)
+    if oplog.is_oplog(db, coll):
+        docs = oplog.find(ctx.log, cmd)
+    else:
+        docs = _read(ctx, txn, lambda view: list(storage.iter_find(view.collection(db, coll), cmd)), ns)
     single = bool(cmd.get("singleBatch")) or (isinstance(cmd.get("limit"), int) and cmd["limit"] < 0)
     return reply_cursor(ctx, ns, docs, cmd.get("batchSize"), single)
 
