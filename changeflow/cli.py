@@ -3,6 +3,7 @@
     changeflow listen -A acme.effects [flags]       run the listener (as `python -m listener`)
     changeflow dead-letters -A acme.effects list    failed tasks (docs/dead_letters.md)
     changeflow health | gaps | reconcile ...        as `python -m listener <command>`
+    changeflow backfill -A acme.effects --collection C --task T   a task over existing documents
 
 `-A/--app MODULE` may go anywhere on the line; without it CHANGEFLOW_APP, else this repository's app.
 Workers are Celery's own: `celery -A acme.effects worker`.
@@ -13,14 +14,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("listen", "dead-letters", "health", "gaps", "reconcile")
+COMMANDS = ("listen", "dead-letters", "health", "gaps", "reconcile", "backfill")
 USAGE = (
-    "usage: changeflow {listen,dead-letters,health,gaps,reconcile} [-A MODULE] ...\n"
+    "usage: changeflow {listen,dead-letters,health,gaps,reconcile,backfill} [-A MODULE] ...\n"
     "  listen          run the listener for the app's routes (until SIGTERM/SIGINT)\n"
     "  dead-letters    list|show|replay|purge failed tasks\n"
     "  health          liveness/readiness from the listener's heartbeat file\n"
     "  gaps            recorded gaps of lost change stream history\n"
     "  reconcile       re-emit events for documents written in a gap\n"
+    "  backfill        run a task over existing documents; resume ID, list, show ID\n"
     "-A/--app MODULE selects the app, as celery -A does (default: CHANGEFLOW_APP, else worker).\n"
     "Each command has --help."
 )

@@ -47,6 +47,7 @@ from billiard.einfo import ExceptionInfo
 from celery import Task, current_task
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 
+from changeflow.worker.backfill import fresh_args
 from changeflow.worker.dead_letters import record_dead_letter
 from changeflow.worker.dedup import Claim, DedupStore, get_dedup_store
 from changeflow.worker.errors import Skip, is_transient
@@ -212,7 +213,8 @@ class IdempotentTask(Task):
             log.info("done record stored %s %s (the effect happened on an earlier delivery)", self.name, key)
             return None
         try:
-            result = self.run(*args, **kwargs)
+            # A backfill event gets its document as it is now (changeflow.worker.backfill).
+            result = self.run(*fresh_args(args), **kwargs)
         except Skip as skip:
             self._mark_done(store, key, owner, "skipped")
             log.info("skip %s %s: %s", self.name, key, skip)
