@@ -150,12 +150,24 @@ def shown_state(record: Mapping[str, Any], owner_gone: bool) -> str:
     return "interrupted" if state == "running" and owner_gone else state
 
 
+def id_shown(value: Any) -> str:
+    """An `_id` for a human: relaxed Extended JSON (1, "a", {"$oid": "..."})."""
+    from bson import json_util
+
+    return json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS)
+
+
 def position_text(record: Mapping[str, Any]) -> str:
     if not record.get("started"):
         return "(none yet)"
-    from changeflow.backfill.events import id_text
+    return id_shown(record.get("last_id"))
 
-    return id_text(record.get("last_id"))
+
+def mongo_error(exc: Exception) -> str:
+    """A MongoDB error's own message, without the reply document pymongo appends."""
+    details = getattr(exc, "details", None)
+    message = details.get("errmsg") if isinstance(details, Mapping) else None
+    return _scrub(str(message or exc))
 
 
 def resume_command(backfill_id: str, app: str | None = None) -> str:
@@ -257,8 +269,8 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout, *, app: str |
             return _run(db, store, args, app, out)
         except OperationFailure as exc:
             if action == "run" and exc.code in (2, 9):  # BadValue, FailedToParse: the --filter
-                raise UsageError(f"MongoDB refuses the --filter: {exc.details or exc}") from None
-            print(f"MongoDB error: {_scrub(str(exc))}", file=sys.stderr)
+                raise UsageError(f"MongoDB refuses the --filter: {mongo_error(exc)}") from None
+            print(f"MongoDB error: {mongo_error(exc)}", file=sys.stderr)
             return EXIT_UNAVAILABLE
         except PyMongoError as exc:
             print(f"MongoDB unavailable: {_scrub(str(exc))}", file=sys.stderr)
@@ -342,8 +354,6 @@ def _run(db: Database, store: BackfillStore, args: argparse.Namespace, app_spec:
 def _dry_run(
     db: Database, args: argparse.Namespace, query: dict[str, Any], text: str, batch: int, total: int, out: Any
 ) -> int:
-    from changeflow.backfill.events import id_text
-
     cursor = db[args.collection].find(query, {"_id": 1}).sort("_id", 1).limit(DRY_RUN_SAMPLE)
     first = [doc["_id"] for doc in cursor]
     took = f", about {total / args.rate:.0f}s at {args.rate:g} events/s" if args.rate else ""
@@ -353,7 +363,7 @@ def _dry_run(
         file=out,
     )
     for document_id in first:
-        print(f"  would emit insert {args.collection}/{id_text(document_id)}: {args.task}", file=out)
+        print(f"  would emit insert {args.collection}/{id_shown(document_id)}: {args.task}", file=out)
     if total > len(first):
         print(f"  ... and {total - len(first)} more", file=out)
     return EXIT_OK
@@ -448,7 +458,7 @@ def _execute(
         print(f"error: {exc}; this process stops", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except PyMongoError as exc:
-        error = _scrub(f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {mongo_error(exc)}"
         _record_end(store, job, INTERRUPTED, error)
         print(f"backfill {job.backfill_id} stopped, MongoDB unavailable ({error}); resume: {hint}", file=out)
         return EXIT_UNAVAILABLE

@@ -10,61 +10,59 @@ sort order, so the walk goes on across types and still never returns a document 
 from __future__ import annotations
 
 import datetime as dt
-import re
 import uuid
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
+from bson import Binary, Decimal128, Int64, MaxKey, MinKey, ObjectId
 from bson.datetime_ms import DatetimeMS
 
-# MongoDB's comparison/sort order of BSON types, one group per rank, as `$type` aliases.
-TYPE_ORDER: tuple[tuple[str, ...], ...] = (
-    ("minKey",),
-    ("null",),
-    ("int", "long", "double", "decimal"),
-    ("symbol", "string"),
-    ("object",),
-    ("array",),
-    ("binData",),
-    ("objectId",),
-    ("bool",),
-    ("date",),
-    ("timestamp",),
-    ("regex",),
-    ("maxKey",),
+# MongoDB's comparison/sort order of the BSON types an `_id` can have (never an array, a regex or
+# undefined; a Timestamp, MongoDB's internal type, is refused), each with a query for every `_id` of
+# that type: `$type` where the MongoDB test server has it, equality for the one-value types.
+TYPE_ORDER: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("minKey", {"_id": MinKey()}),
+    ("null", {"_id": None}),
+    ("number", {"_id": {"$type": "number"}}),
+    ("string", {"_id": {"$type": "string"}}),  # and the deprecated symbol, which pymongo reads as str
+    ("object", {"_id": {"$type": "object"}}),
+    ("binData", {"_id": {"$type": "binData"}}),
+    ("objectId", {"_id": {"$type": "objectId"}}),
+    ("bool", {"_id": {"$type": "bool"}}),
+    ("date", {"_id": {"$type": "date"}}),
+    ("maxKey", {"_id": MaxKey()}),
 )
+RANKS = {name: rank for rank, (name, _) in enumerate(TYPE_ORDER)}
 
 
 def type_rank(value: Any) -> int:
     """The rank of `value`'s BSON type in TYPE_ORDER; ValueError for a type no `_id` can page by."""
-    checks: tuple[tuple[int, type | tuple[type, ...]], ...] = (
-        (0, MinKey),
-        (12, MaxKey),
-        (8, bool),  # before int: bool is an int in Python
-        (2, (int, float, Int64, Decimal128, Decimal)),
-        (3, str),
-        (4, Mapping),
-        (6, (bytes, Binary, uuid.UUID)),
-        (7, ObjectId),
-        (9, (dt.datetime, DatetimeMS)),
-        (10, Timestamp),
-        (11, (Regex, re.Pattern)),
-    )
     if value is None:
-        return 1
-    if isinstance(value, Code):
-        raise ValueError("cannot page by an _id of type Code")
-    for rank, types in checks:
+        return RANKS["null"]
+    for name, types in _PYTHON_TYPES:
         if isinstance(value, types):
-            return rank
+            return RANKS[name]
     raise ValueError(f"cannot page by an _id of type {type(value).__name__}")
+
+
+# Python types as pymongo decodes each BSON type (bool before number: a bool is an int in Python).
+_PYTHON_TYPES: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("minKey", MinKey),
+    ("maxKey", MaxKey),
+    ("bool", bool),
+    ("number", (int, float, Int64, Decimal128, Decimal)),
+    ("string", str),
+    ("object", Mapping),
+    ("binData", (bytes, Binary, uuid.UUID)),
+    ("objectId", ObjectId),
+    ("date", (dt.datetime, DatetimeMS)),
+)
 
 
 def after(last_id: Any) -> dict[str, Any]:
     """Every `_id` greater than `last_id` in MongoDB's order: same type and greater, or a later type."""
-    later = [{"_id": {"$type": alias}} for group in TYPE_ORDER[type_rank(last_id) + 1 :] for alias in group]
+    later = [dict(query) for _, query in TYPE_ORDER[type_rank(last_id) + 1 :]]
     return {"$or": [{"_id": {"$gt": last_id}}, *later]}
 
 
