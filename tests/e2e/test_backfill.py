@@ -77,6 +77,12 @@ def duplicates(pipeline: LocalPipeline, task: str) -> int:
     return sum(w.log_text(since_start=False).count(f"duplicate {task} ") for w in pipeline.workers)
 
 
+def wait_for_profiles(pipeline: LocalPipeline, count: int) -> None:
+    profiles = pipeline.db.profiles
+    enough = wait_until(lambda: profiles.count_documents({}) >= count, timeout=PROCESSING_TIMEOUT)
+    assert enough, pipeline.logs()
+
+
 def settle(pipeline: LocalPipeline) -> None:
     """Wait until the broker's queue is empty, then a little for the tasks in flight."""
     client = pipeline.redis_client()
@@ -105,9 +111,7 @@ def test_5000_users_get_5000_profiles_and_a_second_run_does_nothing() -> None:
         first = backfill(pipeline, "--collection", "users", "--task", "tasks.create_profile")
         assert first.returncode == 0, first.stdout + first.stderr
         assert f"done: {USERS} events published, 0 dead-lettered" in first.stdout, first.stdout
-        assert wait_until(lambda: pipeline.db.profiles.count_documents({}) >= USERS, timeout=PROCESSING_TIMEOUT), (
-            pipeline.logs()
-        )
+        wait_for_profiles(pipeline, USERS)
         settle(pipeline)
         assert pipeline.db.profiles.count_documents({}) == USERS
         assert {p["_id"] for p in pipeline.db.profiles.find({}, {"_id": 1})} == set(ids)
@@ -123,7 +127,8 @@ def test_5000_users_get_5000_profiles_and_a_second_run_does_nothing() -> None:
         # The same backfill again: the same task ids, every one dropped by the guard.
         second = backfill(pipeline, "--collection", "users", "--task", "tasks.create_profile")
         assert second.returncode == 0, second.stdout + second.stderr
-        assert wait_until(lambda: duplicates(pipeline, "tasks.create_profile") >= USERS, timeout=PROCESSING_TIMEOUT), (
+        dropped = lambda: duplicates(pipeline, "tasks.create_profile")  # noqa: E731
+        assert wait_until(lambda: dropped() >= USERS, timeout=PROCESSING_TIMEOUT), (
             duplicates(pipeline, "tasks.create_profile"),
             pipeline.logs(),
         )
@@ -173,9 +178,7 @@ def test_interrupted_with_sigint_and_resumed_by_id_runs_each_user_once() -> None
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert f"{USERS - published} documents left" in resumed.stdout, resumed.stdout
         assert f"done: {USERS} events published" in resumed.stdout, resumed.stdout
-        assert wait_until(lambda: pipeline.db.profiles.count_documents({}) >= USERS, timeout=PROCESSING_TIMEOUT), (
-            pipeline.logs()
-        )
+        wait_for_profiles(pipeline, USERS)
         settle(pipeline)
         assert pipeline.db.profiles.count_documents({}) == USERS
         assert_each_once(pipeline, ids)
