@@ -14,7 +14,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -30,6 +31,16 @@ USERS = 5000
 # The MongoDB test server finds documents by scanning (mongomock): with 5,000 users and profiles a
 # task takes tens of milliseconds there, so processing one backfill takes minutes on a small machine.
 PROCESSING_TIMEOUT = 900
+
+
+@contextmanager
+def pipeline_without_listener() -> Iterator[LocalPipeline]:
+    """redis-server, MongoDB, SMTP sink and two workers of the test app; no listener (the users exist)."""
+    pipeline = LocalPipeline(workers=2, worker_app=APP).start(listener=False)
+    try:
+        yield pipeline
+    finally:
+        pipeline.stop()
 
 
 def insert_users(pipeline: LocalPipeline, count: int, prefix: str = "user") -> list[ObjectId]:
@@ -106,7 +117,7 @@ def assert_each_once(pipeline: LocalPipeline, ids: Sequence[ObjectId], task: str
 
 @pytest.mark.timeout(2400)
 def test_5000_users_get_5000_profiles_and_a_second_run_does_nothing() -> None:
-    with LocalPipeline(workers=2, worker_app=APP).start(listener=False) as pipeline:
+    with pipeline_without_listener() as pipeline:
         ids = insert_users(pipeline, USERS)
         first = backfill(pipeline, "--collection", "users", "--task", "tasks.create_profile")
         assert first.returncode == 0, first.stdout + first.stderr
@@ -143,7 +154,7 @@ def test_5000_users_get_5000_profiles_and_a_second_run_does_nothing() -> None:
 
 @pytest.mark.timeout(1800)
 def test_interrupted_with_sigint_and_resumed_by_id_runs_each_user_once() -> None:
-    with LocalPipeline(workers=2, worker_app=APP).start(listener=False) as pipeline:
+    with pipeline_without_listener() as pipeline:
         ids = insert_users(pipeline, USERS)
         # Slow enough (5 s) to be stopped in the middle; batches of 100 with slices of 100 per publish.
         process = backfill_process(
@@ -192,7 +203,7 @@ def test_interrupted_with_sigint_and_resumed_by_id_runs_each_user_once() -> None
 @pytest.mark.timeout(1800)
 def test_live_inserts_and_updates_during_a_backfill_are_neither_lost_nor_overwritten() -> None:
     old_count, renamed_count, new_count = 2000, 300, 200
-    with LocalPipeline(workers=2, worker_app=APP).start(listener=False) as pipeline:
+    with pipeline_without_listener() as pipeline:
         db = pipeline.db
         old = insert_users(pipeline, old_count, prefix="old")
         pipeline.start_listener("-A", APP)  # from now on: live events (the old users' inserts are past)
