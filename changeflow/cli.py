@@ -3,6 +3,7 @@
     changeflow listen -A acme.effects [flags]       run the listener (as `python -m listener`)
     changeflow dead-letters -A acme.effects list    failed tasks (docs/dead_letters.md)
     changeflow health | gaps | reconcile ...        as `python -m listener <command>`
+    changeflow backfill -A acme.effects --collection C --task T   a task over existing documents
     changeflow realtime [token USER_ID]             the realtime gateway (as `python -m realtime`)
     changeflow console -A acme.effects              the operator console (web pages, basic auth)
 
@@ -15,14 +16,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("listen", "dead-letters", "health", "gaps", "reconcile", "realtime", "console")
+COMMANDS = ("listen", "dead-letters", "health", "gaps", "reconcile", "backfill", "realtime", "console")
 USAGE = (
-    "usage: changeflow {listen,dead-letters,health,gaps,reconcile,realtime,console} [-A MODULE] ...\n"
+    "usage: changeflow {listen,dead-letters,health,gaps,reconcile,backfill,realtime,console}"
+    " [-A MODULE] ...\n"
     "  listen          run the listener for the app's routes (until SIGTERM/SIGINT)\n"
     "  dead-letters    list|show|replay|purge failed tasks\n"
     "  health          liveness/readiness from the listener's heartbeat file\n"
     "  gaps            recorded gaps of lost change stream history\n"
     "  reconcile       re-emit events for documents written in a gap\n"
+    "  backfill        run a task over existing documents; resume ID, list, show ID\n"
     "  realtime        the Socket.IO gateway; `realtime token USER_ID` prints a client token\n"
     "  console         the operator console: stream status and dead letters in a browser\n"
     "-A/--app MODULE selects the app, as celery -A does (default: CHANGEFLOW_APP, else worker).\n"

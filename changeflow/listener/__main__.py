@@ -5,6 +5,7 @@
     python -m listener gaps [--all]            recorded gaps of lost change stream history
     python -m listener reconcile --gap ID ...  re-emit events for documents written in a gap
     python -m listener dead-letters list|show|replay|purge ...   failed tasks (docs/dead_letters.md)
+    python -m listener backfill --collection C --task T ...   a task over existing documents
 
 `-A/--app MODULE` (anywhere on the line; default CHANGEFLOW_APP, else `worker`, this repository's
 app) selects the changeflow app, as `celery -A` does: its routes, its tasks, its Celery configuration.
@@ -49,11 +50,12 @@ SUBCOMMANDS: dict[str, str] = {
     "gaps": "changeflow.listener.gaps",
     "reconcile": "changeflow.listener.reconcile",
     "dead-letters": "changeflow.listener.dead_letters",
+    "backfill": "changeflow.backfill.cli",
 }
 
 
 # Subcommands that publish through the app (the others read MongoDB or a file only).
-APP_SUBCOMMANDS = frozenset({"reconcile", "dead-letters"})
+APP_SUBCOMMANDS = frozenset({"reconcile", "dead-letters", "backfill"})
 APP_HELP = "the changeflow app, as celery -A takes it (default: CHANGEFLOW_APP, else worker: this repo's)"
 
 

@@ -7,3 +7,6 @@ EXIT_CRASH = 1  # an unexpected exception (a bug): logged with its traceback, pa
 EXIT_USAGE = 2
 EXIT_HISTORY_LOST = 3  # the checkpoint is older than the oplog: events were lost, a human decides
 EXIT_FATAL = 4  # any other non-resumable MongoDB error (not a replica set, bad token, ...)
+# a backfill stopped by SIGINT/SIGTERM before its end (128 + SIGINT, as shells report it): its
+# position is saved, `changeflow backfill resume ID` goes on from there
+EXIT_INTERRUPTED = 130

@@ -57,6 +57,7 @@ from celery.app.task import Context
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from kombu.serialization import dumps, loads
 
+from changeflow.worker.backfill import fresh_args
 from changeflow.worker.dead_letters import record_dead_letter
 from changeflow.worker.dedup import Claim, DedupStore, get_dedup_store
 from changeflow.worker.errors import Skip, TransientTaskError, is_transient
@@ -301,7 +302,8 @@ class IdempotentTask(Task):
             self._advance(order)
             return None
         try:
-            result = self.run(*args, **kwargs)
+            # A backfill event gets its document as it is now (changeflow.worker.backfill).
+            result = self.run(*fresh_args(args), **kwargs)
         except Skip as skip:
             self._mark_done(store, key, owner, "skipped")
             log.info("skip %s %s: %s", self.name, key, skip)

@@ -362,9 +362,10 @@ def popped_by_the_restart(
     """Lost user effects whose message Redis had accepted and no worker ever received.
 
     kombu's Redis transport takes a message off the queue (BRPOP) and records it as unacked in a second
-    step; a Redis stopped, or a worker SIGKILLed, between the two has applied the pop (it is in the AOF)
-    and the message is gone: the limit the README states. Evidence, per lost welcome email or profile: the LPUSH of its
-    message is in the AOF (the broker accepted it) and no worker logged `Task <name>[<id>] received`.
+    step; a Redis stopped, or a worker SIGKILLed, between the two has applied the pop (it is in the
+    AOF) and the message is gone: the limit the README states. Evidence, per lost welcome email or
+    profile: the LPUSH of its message is in the AOF (the broker accepted it) and no worker logged
+    `Task <name>[<id>] received`.
     Anything else lost stays unexplained and fails the scenario. `redis_dirs`: the servers whose AOF
     to read (default: the pipeline's one redis-server).
     """

@@ -90,6 +90,7 @@ def test_a_worker_refuses_an_app_that_cannot_run(apps: Path, module: str, messag
         ),
         (["-m", "changeflow", "reconcile", "-A", "cliapps.unknown", "--since", "2026-01-01"], "invalid app"),
         (["-m", "changeflow", "dead-letters", "list", "-A", "cliapps.empty"], "invalid app"),
+        (["-m", "changeflow", "backfill", "-Acliapps.empty", "--collection=c", "--task=t"], "invalid app"),
         (["-m", "changeflow", "listen", "-A"], "-A needs a module"),
         (["-m", "changeflow", "console", "-A", "cliapps.empty"], "invalid app"),
     ],
@@ -117,6 +118,9 @@ def test_changeflow_app_sets_the_default(apps: Path) -> None:
 def test_changeflow_without_a_command_prints_its_usage(apps: Path) -> None:
     result = run(["-m", "changeflow"], apps)
     assert result.returncode == 2
-    assert "usage: changeflow {listen,dead-letters,health,gaps,reconcile,realtime,console}" in result.stderr
+    assert (
+        "usage: changeflow {listen,dead-letters,health,gaps,reconcile,backfill,realtime,console}"
+        in result.stderr
+    )
     result = run(["-m", "changeflow", "bogus"], apps)
     assert (result.returncode, "unknown command 'bogus'" in result.stderr) == (2, True)
