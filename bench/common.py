@@ -127,7 +127,8 @@ class _IteratorStream:
 
 class _IteratorDatabase:
     """Stands in for the watched Database: watch() returns the iterator stream; command() answers the
-    listener's hello (a MongoDB 7.0, which splits events over 16 MB). Nothing else is used."""
+    listener's hello (a MongoDB 7.0, which splits events over 16 MB) and its collMod for pre-images.
+    Nothing else is used."""
 
     def __init__(self, name: str, events: Iterable[Mapping[str, Any]]) -> None:
         self.name = name
@@ -138,9 +139,10 @@ class _IteratorDatabase:
         assert self.listener is not None
         return _IteratorStream(self.events, self.listener.stop)
 
-    def command(self, name: str) -> dict[str, Any]:
-        assert name == "hello", name
-        return {"maxWireVersion": 21}
+    def command(self, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # collMod: the listener enables pre-images for routes that ask for them (nothing to do here).
+        assert name in ("hello", "collMod"), name
+        return {"maxWireVersion": 21} if name == "hello" else {"ok": 1.0}
 
 
 def run_listener_core(

@@ -49,8 +49,8 @@ def test_a_worker_killed_mid_chain_loses_nothing_and_keeps_the_order(tmp_path: P
         for status in STATUSES:
             pipeline.db.orders.update_one({"_id": order_id}, {"$set": {"status": status}})
         client = pipeline.redis_client()
-        # 3 notifications + 3 analytics updates, all queued before any worker runs.
-        assert wait_until(lambda: client.llen("celery") == 6, timeout=60), client.llen("celery")
+        # 3 notifications + 3 analytics updates + 3 event-store entries, all queued before any worker runs.
+        assert wait_until(lambda: client.llen("celery") == 9, timeout=60), client.llen("celery")
 
         def worker(name: str) -> ManagedProcess:
             process = worker_process(
