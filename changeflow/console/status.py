@@ -17,6 +17,7 @@ from changeflow.listener.checkpoints import CheckpointStore
 from changeflow.listener.dead_letters import COLLECTION as DEAD_LETTERS
 from changeflow.listener.gaps import GapStore
 from changeflow.listener.lease import COLLECTION as LEASES
+from changeflow.listener.metrics import oldest_oplog_time, seconds_between
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -41,6 +42,7 @@ class StreamStatus:
     dead_letters: int | None = None
     queue_length: int | None = None
     queue_limit: int = 0
+    oplog_headroom: str | None = None  # how far the checkpoint is from falling off the oplog
     errors: dict[str, str] = field(default_factory=dict)  # part -> why it could not be read
 
     @property
@@ -74,6 +76,18 @@ def age_text(seconds: float | None) -> str:
     return f"{days}d {hours}h"
 
 
+def headroom_text(position: datetime | None, oldest: datetime | None) -> str | None:
+    """The checkpoint's time minus the oldest oplog entry's, for a person (as the metric
+    changeflow_listener_oplog_headroom_seconds); None when either is unknown."""
+    if position is None or oldest is None:
+        return None
+    aware = position if position.tzinfo else position.replace(tzinfo=UTC)
+    seconds = seconds_between(aware, oldest)
+    if seconds < 0:
+        return "none: the checkpoint is older than the oldest oplog entry (history lost)"
+    return age_text(seconds)
+
+
 def health_path(settings: Settings) -> Path:
     return Path(settings.listener_health_file or health.default_path(settings.listener_stream_name))
 
@@ -100,6 +114,12 @@ def read_status(
         _read_mongodb(status, db, now)
     except Exception as exc:  # pymongo's errors, any of them: the page says so
         status.errors["mongodb"] = f"MongoDB unavailable: {type(exc).__name__}: {str(exc)[:200]}"
+    if status.checkpoint is not None:
+        try:  # reading local.oplog.rs needs its own right: its refusal is this part's error only
+            oldest = oldest_oplog_time(db.client)
+            status.oplog_headroom = headroom_text(status.checkpoint["position_time"], oldest)
+        except Exception as exc:
+            status.errors["oplog"] = f"oplog window unavailable: {type(exc).__name__}: {str(exc)[:200]}"
     if app is not None:
         from changeflow.listener.backpressure import BrokerQueueLength
 

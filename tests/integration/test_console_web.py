@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from starlette.testclient import TestClient
 
 from changeflow.console.csrf import COOKIE, FIELD
 from changeflow.console.web import Console, create_app
+from changeflow.listener.checkpoints import CheckpointStore
+from changeflow.listener.metrics import oldest_oplog_time
 from changeflow.listener.publish import make_publisher
 from changeflow.worker.dead_letters import COLLECTION
 from changeflow.worker.testing import configured
@@ -79,6 +82,19 @@ def test_every_page_needs_the_password(console: TestClient, db: Database) -> Non
     assert "No checkpoint saved yet" in page.text and "heartbeat not visible here" in page.text
     assert 'href="http://127.0.0.1:5555/"' in page.text  # FLOWER_URL
     assert PASSWORD not in page.text
+
+
+def test_the_status_page_shows_lag_and_oplog_headroom(console: TestClient, db: Database) -> None:
+    """With a saved checkpoint, the page reads the oplog window from the server (local.oplog.rs)."""
+    stream = re.search(r"stream <code>([^<]+)</code>", console.get("/", auth=AUTH).text).group(1)
+    oldest = oldest_oplog_time(db.client)
+    assert oldest is not None
+    position = oldest + timedelta(minutes=5)
+    CheckpointStore(db).save(stream, {"_data": "82"}, epoch=1, position_time=position)
+    page = console.get("/", auth=AUTH)
+    assert page.status_code == 200
+    assert re.search(r'id="oplog-headroom">(\d+m \d{2}s)<', page.text).group(1) == "5m 00s"
+    assert 'id="checkpoint-age">' in page.text and "oplog window unavailable" not in page.text
 
 
 def test_the_list_escapes_what_it_shows_and_filters(console: TestClient, db: Database) -> None:

@@ -11,7 +11,7 @@ import pytest
 from changeflow.console.auth import authorized, challenge, credentials
 from changeflow.console.csrf import CsrfTokens, same_origin
 from changeflow.console.filters import DEFAULT_LIMIT, parse_filter, selected_ids
-from changeflow.console.status import StreamStatus, age_seconds, age_text
+from changeflow.console.status import StreamStatus, age_seconds, age_text, headroom_text
 from changeflow.worker.settings import Settings, SettingsError, console_password_problems, scrub
 
 
@@ -186,3 +186,12 @@ def test_bad_console_settings_are_refused(env: dict[str, str], named: str) -> No
 
 def test_a_flower_url_is_accepted() -> None:
     assert Settings.from_env({"FLOWER_URL": "http://127.0.0.1:5555/"}).flower_url == "http://127.0.0.1:5555/"
+
+
+def test_oplog_headroom_is_the_checkpoint_time_minus_the_oldest_entry() -> None:
+    oldest = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert headroom_text(oldest + timedelta(minutes=3, seconds=5), oldest) == "3m 05s"
+    assert headroom_text((oldest + timedelta(hours=2)).replace(tzinfo=None), oldest) == "2h 00m"
+    assert headroom_text(None, oldest) is None and headroom_text(oldest, None) is None
+    fallen = headroom_text(oldest - timedelta(seconds=1), oldest)
+    assert fallen is not None and fallen.startswith("none: ")
