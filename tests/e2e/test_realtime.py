@@ -110,7 +110,8 @@ def test_the_author_and_followers_are_told_live_and_nobody_else(pipeline: LocalP
             "_id": ObjectId(),
             "author_id": author,
             "text": "Hello, followers",
-            "created_at": datetime.now(UTC),
+            # Non-zero milliseconds: relaxed Extended JSON leaves out a zero fraction (".000").
+            "created_at": datetime.now(UTC).replace(microsecond=123456),
         }
         db.posts.insert_one(post)
 
