@@ -150,16 +150,9 @@ class Changeflow(Celery):
                 return task
             task_name = name or self.gen_task_name(target.__name__, target.__module__)
             # The route first: a bad route must not leave a registered task behind.
-            route = Route(
-                collection,
-                operation_types,
-                [task_name],
-                when=when,
-                match_query=match,
-                ordered_by=ordered_by,
-                pre_images=pre_images,
+            route = self._checked_route(
+                collection, operation_types, task_name, when, match, ordered_by, pre_images
             )
-            self._check_ordering(route)
             task = self._register(target, task_name, task_options)
             self._routes.append(route)
             return task
@@ -182,6 +175,23 @@ class Changeflow(Celery):
         Checked when the app is loaded (`route_problems`): the listener and the worker refuse a
         route to a task the app does not have.
         """
+        route = self._checked_route(
+            collection, operation_types, task_name, when, match, ordered_by, pre_images
+        )
+        self._routes.append(route)
+        return route
+
+    def _checked_route(
+        self,
+        collection: str,
+        operation_types: str | Iterable[str],
+        task_name: str,
+        when: FieldChanged | None,
+        match: Mapping[str, Any] | None,
+        ordered_by: bool | str | None,
+        pre_images: bool,
+    ) -> Route:
+        """A route to `task_name`, refused if its ordering disagrees with the task's other routes."""
         route = Route(
             collection,
             operation_types,
@@ -192,7 +202,6 @@ class Changeflow(Celery):
             pre_images=pre_images,
         )
         self._check_ordering(route)
-        self._routes.append(route)
         return route
 
     def _check_ordering(self, route: Route) -> None:
