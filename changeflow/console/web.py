@@ -163,13 +163,21 @@ def create_app(console: Console, *, csrf_key: bytes | None = None) -> ASGIApp:
         fields = {k: v for k, v in letter.items() if k not in ("payload", "traceback")}
         return render(request, "letter.html", letter=letter, event=event, fields=fields)
 
-    async def replay_action(request: Request) -> Response:
+    async def checked_selection(request: Request) -> tuple[Any, list[str], Response | None]:
+        """checked_form's form and the dead letters it selects, or the page refusing it (403, 400)."""
         form, refused = await checked_form(request)
         if refused:
-            return refused
+            return form, [], refused
         ids = selected_ids(form.getlist("id"))
         if not ids:
-            return render(request, "missing.html", status_code=400, ids=[], why="no dead letter selected")
+            why = "no dead letter selected"
+            return form, ids, render(request, "missing.html", status_code=400, ids=[], why=why)
+        return form, ids, None
+
+    async def replay_action(request: Request) -> Response:
+        form, ids, refused = await checked_selection(request)
+        if refused:
+            return refused
         refresh = form.get("refresh") == "1"
         if console.make_publisher is None:
             return render(request, "missing.html", status_code=503, ids=ids, why="replay is not available")
@@ -194,12 +202,9 @@ def create_app(console: Console, *, csrf_key: bytes | None = None) -> ASGIApp:
         return render(request, "replayed.html", report=report, refresh=refresh)
 
     async def purge_action(request: Request) -> Response:
-        form, refused = await checked_form(request)
+        form, ids, refused = await checked_selection(request)
         if refused:
             return refused
-        ids = selected_ids(form.getlist("id"))
-        if not ids:
-            return render(request, "missing.html", status_code=400, ids=[], why="no dead letter selected")
         collection = console.db[letters.COLLECTION]
         try:
             chosen = await run_in_threadpool(letters.letters_by_id, collection, ids)
