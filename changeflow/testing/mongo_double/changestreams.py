@@ -23,9 +23,8 @@ import bson
 from bson import Binary, Int64, Timestamp
 from bson.raw_bson import RawBSONDocument
 from mongomock.aggregate import process_pipeline
-from mongomock.filtering import filter_applies
-from mongomock.helpers import patch_datetime_awareness_in_document
 
+from changeflow.testing.mongo_double import expanded_events, expressions
 from changeflow.testing.mongo_double.errors import (
     BSON_MAX_INTERNAL_SIZE,
     BSON_MAX_USER_SIZE,
@@ -39,6 +38,16 @@ ALLOWED_STAGES = frozenset(
     {"$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot", "$replaceWith", "$redact"}
 )
 SPLIT_STAGE = "$changeStreamSplitLargeEvent"
+# Every stage name mongod 7.0 parses: a name outside this set is unrecognized (40324), a name in it
+# but not in ALLOWED_STAGES is refused in a change stream (20, after the whole pipeline parsed).
+KNOWN_STAGES = ALLOWED_STAGES | {
+    SPLIT_STAGE, "$changeStream", "$bucket", "$bucketAuto", "$collStats", "$count", "$currentOp",
+    "$densify", "$documents", "$facet", "$fill", "$geoNear", "$graphLookup", "$group", "$indexStats",
+    "$limit", "$listLocalSessions", "$listSampledQueries", "$listSearchIndexes", "$listSessions",
+    "$lookup", "$merge", "$out", "$planCacheStats", "$sample", "$search", "$searchMeta",
+    "$setWindowFields", "$shardedDataDistribution", "$skip", "$sort", "$sortByCount", "$unionWith",
+    "$unwind", "$vectorSearch",
+}  # fmt: skip
 # Events larger than this are split by SPLIT_STAGE (mongod: DocumentSourceChangeStreamSplitLargeEvent::
 # kBSONObjMaxChangeEventSize); without the stage, an event over BSON_MAX_INTERNAL_SIZE fails the
 # command with BSONObjectTooLarge (10334), as mongod's serialization of the event does.
@@ -126,9 +135,13 @@ class EventLog:
         # The replica set's first oplog entry (mongod's "initiating set" no-op): the oldest until trimmed.
         self.started_ts = self.clock.now()
         self.started_wall = datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
+        # Completes records before they are stamped (expanded_events.prepare, set by the server).
+        self.prepare: Callable[[list[ChangeRecord]], list[ChangeRecord]] | None = None
 
     def append(self, records: list[ChangeRecord], lsid: dict | None = None, txn_number: Any = None) -> None:
         """Stamp and store records; the caller holds the storage lock, so log order == write order."""
+        if self.prepare is not None:
+            records = self.prepare(records)
         if not records:
             return
         with self.cond:
@@ -202,6 +215,7 @@ class ChangeStream:
     # The last fragment returned and its event: the position after it is that fragment's token.
     last_fragment: tuple[int, dict[str, str]] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    show_expanded: bool = False  # showExpandedEvents: DDL events and their fields
     run_pipeline: Callable[[dict[str, Any]], list[dict[str, Any]]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -212,6 +226,8 @@ class ChangeStream:
         return f"{self.db}.{self.coll}" if self.coll else f"{self.db}.$cmd.aggregate"
 
     def matches(self, record: ChangeRecord) -> bool:
+        if record.op in expanded_events.EXPANDED_OPS and not self.show_expanded:
+            return False
         if self.cluster:
             return record.db not in INTERNAL_DBS
         if record.db != self.db:
@@ -254,14 +270,15 @@ def validate_pipeline(stages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
                 raise MongoError(7182800, f"{SPLIT_STAGE} spec should be an empty object")
             split = True
             continue
-        if name not in ALLOWED_STAGES:
-            raise MongoError(
-                20,
-                f"{name} is not permitted in a $changeStream pipeline"
-                if name.startswith("$")
-                else f"Unrecognized pipeline stage name: '{name}'",
-            )
+        if name not in KNOWN_STAGES:
+            raise MongoError(40324, f"Unrecognized pipeline stage name: '{name}'")
+        if name == "$changeStream":
+            raise MongoError(40602, "$changeStream is only valid as the first stage in a pipeline.")
         out.append(stage)
+    for stage in out:
+        name = next(iter(stage))
+        if name not in ALLOWED_STAGES:
+            raise MongoError(20, f"{name} is not permitted in a $changeStream pipeline")
     return translate_stages(out), split
 
 
@@ -375,7 +392,7 @@ def open_stream(
             seq = log.last_seq
     return ChangeStream(
         cursor_id, db, coll, cluster, stages, full_document, before, seq, min_ts,
-        split=split, resume_fragment=resume_fragment,
+        split=split, resume_fragment=resume_fragment, show_expanded=spec.get("showExpandedEvents") is True,
         # Until a later document passes, the position is the fragment token resumed from.
         last_fragment=(pos.seq, pos.token()) if pos is not None and pos.fragment >= 0 else None,
     )  # fmt: skip
@@ -560,18 +577,17 @@ def split_event(event: dict[str, Any], position: Position) -> list[dict[str, Any
 def compile_pipeline(stages: list[dict[str, Any]]) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
     """The stream's pipeline as a function of one event.
 
-    A pipeline of `$match` stages only (what listeners send) runs mongomock's own match filter
-    directly, its spec prepared once per stream instead of once per event: the same answers as
-    `apply_pipeline`, without mongomock's pipeline machinery on every event.
+    A pipeline of `$match` stages only (what listeners send) runs the match predicates directly
+    (expressions.compile_match, prepared once per stream instead of once per event): the same
+    answers as `apply_pipeline`, without mongomock's pipeline machinery on every event.
     """
     if not stages or any(next(iter(stage)) != "$match" for stage in stages):
         return lambda doc: apply_pipeline(doc, stages)
-    specs = [patch_datetime_awareness_in_document(stage["$match"]) for stage in stages]
+    predicates = [expressions.compile_match(stage["$match"]) for stage in stages]
 
     def match(doc: dict[str, Any]) -> list[dict[str, Any]]:
-        patched = patch_datetime_awareness_in_document(doc)  # as mongomock's $match stage does
         try:
-            return [doc] if all(filter_applies(spec, patched) for spec in specs) else []
+            return [doc] if all(predicate(doc) for predicate in predicates) else []
         except MongoError:
             raise
         except Exception as exc:
@@ -591,7 +607,14 @@ def apply_pipeline(doc: dict[str, Any], stages: list[dict[str, Any]]) -> list[di
     if not stages:
         return [doc]
     try:
-        out = list(process_pipeline([doc], None, stages, None))
+        out = [doc]
+        for stage in stages:
+            # $match as mongod evaluates it (decimals, $expr); the other stages are mongomock's.
+            if "$match" in stage:
+                predicate = expressions.compile_match(stage["$match"])
+                out = [result for result in out if predicate(result)]
+            else:
+                out = list(process_pipeline(out, None, [stage], None))
     except MongoError:
         raise
     except Exception as exc:
@@ -657,4 +680,6 @@ def build_event(event: Event, stream: ChangeStream, lookup: Lookup) -> dict[str,
         # mongod adds uid, the SHA-256 of the (here: no) authenticated user, to the client's lsid.
         doc["lsid"] = {"id": event.lsid.get("id"), "uid": NO_USER_UID}
         doc["txnNumber"] = event.txn_number
+    if stream.show_expanded:
+        return expanded_events.add_fields(doc, rec)
     return doc

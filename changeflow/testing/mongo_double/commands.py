@@ -18,7 +18,7 @@ import mongomock
 from bson import Binary, Int64, ObjectId
 from mongomock.filtering import filter_applies
 
-from changeflow.testing.mongo_double import changestreams, oplog, storage
+from changeflow.testing.mongo_double import changestreams, expanded_events, oplog, storage
 from changeflow.testing.mongo_double.changestreams import ChangeStream, EventLog
 from changeflow.testing.mongo_double.cursors import DEFAULT_FIRST_BATCH, CursorTable, ResultCursor
 from changeflow.testing.mongo_double.errors import (
@@ -104,6 +104,7 @@ class Context:
 
     def __post_init__(self) -> None:
         self.log = EventLog(self.oplog_size)
+        self.log.prepare = lambda records: expanded_events.prepare(self.store, records)
         self.txns = Transactions(self.store, self.log)
 
     @property
@@ -757,6 +758,8 @@ def cmd_create(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
         ctx.store.client[db].create_collection(coll)
         meta = ctx.store.coll_meta(db, coll)
         meta.images = images
+        options = {"changeStreamPreAndPostImages": {"enabled": True}} if images else {}
+        ctx.log.append([expanded_events.create_record(db, coll, meta.uuid, options)])
     return {}
 
 
@@ -767,9 +770,10 @@ def cmd_drop(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transac
         if not ctx.store.exists(db, coll):
             return {}  # MongoDB 7.0 answers ok for a collection that does not exist
         n_indexes = len(ctx.store.collection(db, coll).index_information())
+        uuid = ctx.store.coll_meta(db, coll).uuid
         ctx.store.collection(db, coll).drop()
         ctx.store.forget(db, coll)
-        ctx.log.append([ChangeRecord("drop", db, coll)])
+        ctx.log.append([ChangeRecord("drop", db, coll, uuid=uuid)])
     return {"ns": f"{db}.{coll}", "nIndexesWas": n_indexes}
 
 
@@ -779,7 +783,7 @@ def cmd_drop_database(
 ) -> Reply:
     with ctx.store.lock:
         names = ctx.store.collection_names(db)
-        records = [ChangeRecord("drop", db, name) for name in names]
+        records = [ChangeRecord("drop", db, name, uuid=ctx.store.coll_meta(db, name).uuid) for name in names]
         for name in names:
             ctx.store.forget(db, name)
         ctx.store.client.drop_database(db)
@@ -802,12 +806,15 @@ def cmd_rename(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
     with store.lock:
         if not store.exists(src_db, src_coll):
             raise MongoError(26, f"Source collection {source} does not exist")
+        description: dict[str, Any] = {"to": {"db": dst_db, "coll": dst_coll}}
         if store.exists(dst_db, dst_coll):
             if not cmd.get("dropTarget"):
                 raise MongoError(48, f"target namespace {target} exists")
+            description["dropTarget"] = Binary.from_uuid(store.coll_meta(dst_db, dst_coll).uuid)
             store.collection(dst_db, dst_coll).drop()
             store.forget(dst_db, dst_coll)
-        meta = store.meta.pop((src_db, src_coll), None)
+        meta = store.coll_meta(src_db, src_coll)
+        store.meta.pop((src_db, src_coll), None)
         if src_db == dst_db:
             store.client[src_db].rename_collection(src_coll, dst_coll)
         else:
@@ -815,7 +822,14 @@ def cmd_rename(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
             store.collection(src_db, src_coll).drop()
         if meta is not None:
             store.meta[(dst_db, dst_coll)] = meta
-        ctx.log.append([ChangeRecord("rename", src_db, src_coll, to={"db": dst_db, "coll": dst_coll})])
+        ctx.log.append(
+            [
+                ChangeRecord(
+                    "rename", src_db, src_coll, to={"db": dst_db, "coll": dst_coll}, uuid=meta.uuid,
+                    description=description,
+                )
+            ]
+        )  # fmt: skip
     return {}
 
 
@@ -830,6 +844,7 @@ def cmd_coll_mod(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Tra
     with ctx.store.lock:
         if not ctx.store.exists(db, coll):
             raise MongoError(26, f"ns does not exist: {db}.{coll}")
+        images_before = ctx.store.images_enabled(db, coll)
         if "changeStreamPreAndPostImages" in cmd:
             spec = cmd["changeStreamPreAndPostImages"]
             if not isinstance(spec, dict) or not isinstance(spec.get("enabled"), bool):
@@ -837,6 +852,19 @@ def cmd_coll_mod(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Tra
                     40414, "BSON field 'changeStreamPreAndPostImages.enabled' is missing but a required field"
                 )
             ctx.store.coll_meta(db, coll).images = spec["enabled"]
+        meta = ctx.store.coll_meta(db, coll)
+        before = {"uuid": Binary.from_uuid(meta.uuid)}
+        if images_before:
+            before["changeStreamPreAndPostImages"] = {"enabled": True}
+        description = {k: v for k, v in cmd.items() if k not in ("collMod", *ENVELOPE)}
+        ctx.log.append(
+            [
+                ChangeRecord(
+                    "modify", db, coll, uuid=meta.uuid, description=description,
+                    state_before={"collectionOptions": before},
+                )
+            ]
+        )  # fmt: skip
     return {}
 
 
@@ -893,6 +921,8 @@ def cmd_create_indexes(
         if created:
             c.database.create_collection(coll)
         before = len(c.index_information())
+        before_names = set(c.index_information())
+        empty = c.estimated_document_count() == 0
         for spec in specs:
             key = spec.get("key")
             if not isinstance(key, dict) or not key:
@@ -912,6 +942,8 @@ def cmd_create_indexes(
             except Exception as exc:
                 raise storage.map_exception(exc, f"{db}.{coll}") from exc
         after = len(c.index_information())
+        if txn is None:
+            _log_created_indexes(ctx, db, coll, c, before_names, empty)
     reply: dict[str, Any] = {
         "createdCollectionAutomatically": created,
         "numIndexesBefore": before,
@@ -920,6 +952,18 @@ def cmd_create_indexes(
     if before == after:
         reply["note"] = "all indexes already exist"
     return reply
+
+
+def _log_created_indexes(
+    ctx: Context, db: str, coll: str, c: mongomock.Collection, before: set[str], empty: bool
+) -> None:
+    """createIndexes events: mongod logs an index on an empty collection at once (one event each),
+    one built over existing documents when its build commits (one event for the command's indexes)."""
+    new = [expanded_events.index_spec(n, i) for n, i in c.index_information().items() if n not in before]
+    if not new:
+        return
+    groups = [[spec] for spec in new] if empty else [new]
+    ctx.log.append([ChangeRecord("createIndexes", db, coll, description={"indexes": g}) for g in groups])
 
 
 def _index_docs(c: mongomock.Collection) -> list[dict[str, Any]]:
@@ -956,6 +1000,7 @@ def cmd_drop_indexes(ctx: Context, conn: Connection, cmd: Command, db: str, txn:
         info = c.index_information()
         if index == "*":
             c.drop_indexes()
+            _log_dropped_indexes(ctx, db, coll, info, [n for n in info if n != "_id_"])
             return {"nIndexesWas": len(info)}
         names = index if isinstance(index, list) else [index]
         resolved = []
@@ -972,4 +1017,11 @@ def cmd_drop_indexes(ctx: Context, conn: Connection, cmd: Command, db: str, txn:
             resolved.append(item)
         for item in resolved:
             c.drop_index(item)
+        _log_dropped_indexes(ctx, db, coll, info, resolved)
     return {"nIndexesWas": len(info)}
+
+
+def _log_dropped_indexes(ctx: Context, db: str, coll: str, info: dict[str, Any], names: list[str]) -> None:
+    """One dropIndexes event per dropped index, its spec as operationDescription.indexes[0]."""
+    specs = [expanded_events.index_spec(name, info[name]) for name in names]
+    ctx.log.append([ChangeRecord("dropIndexes", db, coll, description={"indexes": [s]}) for s in specs])

@@ -57,7 +57,26 @@ def entry(event: Event) -> dict[str, Any]:
         doc["o"] = {"dropDatabase": 1}
     elif record.op == "rename":
         doc["o"] = {"renameCollection": ns, "to": ".".join((record.to or {}).values())}
+    elif record.op in ("create", "createIndexes", "dropIndexes", "modify"):
+        doc = {"op": "c", "ns": f"{record.db}.$cmd", **_ddl(record)}
     return {**doc, "ts": event.ts, "t": _TERM, "v": _VERSION, "wall": event.wall}
+
+
+def _ddl(record: Any) -> dict[str, Any]:
+    """o (and o2) of a DDL entry, as mongod logs the command (an index build over documents commits
+    all its indexes in one commitIndexBuild entry)."""
+    description = record.description or {}
+    if record.op == "create":
+        return {"o": {"create": record.coll, **description}}
+    if record.op == "modify":
+        before = (record.state_before or {}).get("collectionOptions", {})
+        return {"o": {"collMod": record.coll, **description}, "o2": {"collectionOptions_old": before}}
+    indexes = description.get("indexes") or [{}]
+    if record.op == "dropIndexes":
+        return {"o": {"dropIndexes": record.coll, "index": indexes[0].get("name")}, "o2": indexes[0]}
+    if len(indexes) == 1:
+        return {"o": {"createIndexes": record.coll, **indexes[0]}}
+    return {"o": {"commitIndexBuild": record.coll, "indexes": indexes}}
 
 
 def _initiating(log: EventLog) -> dict[str, Any]:

@@ -43,12 +43,18 @@ class ChangeRecord:
     update_description: dict[str, Any] | None = None
     to: dict[str, str] | None = None
     images_enabled: bool = False  # the collection recorded pre/post-images when this write happened
+    # showExpandedEvents: the collection's UUID when the write happened (stamped by the log if unset),
+    # the DDL event's operationDescription, and a modify event's stateBeforeChange.
+    uuid: uuid.UUID | None = None
+    description: dict[str, Any] | None = None
+    state_before: dict[str, Any] | None = None
 
 
 @dataclass
 class CollectionMeta:
     uuid: uuid.UUID = field(default_factory=uuid.uuid4)
     images: bool = False
+    announced: bool = False  # its create event is in the log (mongod logs one for implicit creates too)
 
 
 class View(Protocol):
