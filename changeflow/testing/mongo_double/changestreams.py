@@ -228,6 +228,8 @@ class ChangeStream:
     def matches(self, record: ChangeRecord) -> bool:
         if record.op in expanded_events.EXPANDED_OPS and not self.show_expanded:
             return False
+        if record.view and (not self.show_expanded or self.coll is not None):
+            return False  # mongod derives view events from system.views writes: never on a collection stream
         if self.cluster:
             return record.db not in INTERNAL_DBS
         if record.db != self.db:

@@ -18,7 +18,7 @@ import mongomock
 from bson import Binary, Int64, ObjectId
 from mongomock.filtering import filter_applies
 
-from changeflow.testing.mongo_double import changestreams, expanded_events, oplog, storage
+from changeflow.testing.mongo_double import changestreams, expanded_events, oplog, storage, views
 from changeflow.testing.mongo_double.changestreams import ChangeStream, EventLog
 from changeflow.testing.mongo_double.cursors import DEFAULT_FIRST_BATCH, CursorTable, ResultCursor
 from changeflow.testing.mongo_double.errors import (
@@ -454,6 +454,9 @@ def cmd_insert(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
     for i, doc in enumerate(docs):
         if isinstance(doc, dict) and "_id" not in doc:
             docs[i] = {"_id": ObjectId(), **doc}  # fixed here so a transaction's replay keeps the same _id
+    refused = _refused_view_write(ctx, txn, db, coll, len(docs), cmd.get("ordered", True), "insert")
+    if refused is not None:
+        return refused
     return _counted_write(ctx, txn, "insert", storage.insert, db, coll, docs, cmd.get("ordered", True))
 
 
@@ -484,6 +487,19 @@ def _counted_write(
     return reply
 
 
+def _refused_view_write(
+    ctx: Context, txn: Transaction | None, db: str, coll: str, statements: int, ordered: bool, kind: str
+) -> Reply | None:
+    """The reply of a write to a view (166 per statement tried), None if `coll` is not a view."""
+    with ctx.store.lock:
+        if not views.is_view(ctx.store, db, coll):
+            return None
+    reply = views.refused_writes(db, coll, statements, ordered, kind)
+    if txn is not None:
+        raise _first_write_error(reply)
+    return reply
+
+
 def _first_write_error(reply: dict[str, Any]) -> MongoError:
     """In a transaction a write error aborts it; mongod reports it as the command's error."""
     err = reply["writeErrors"][0]
@@ -498,6 +514,9 @@ def cmd_update(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
     coll = _coll_name(cmd, "update")
     statements = [dict(s) for s in _doc_list(cmd, "updates")]
     ordered = cmd.get("ordered", True)
+    refused = _refused_view_write(ctx, txn, db, coll, len(statements), ordered, "update")
+    if refused is not None:
+        return refused
     reply = _run_write(ctx, txn, lambda view: storage.update(view, db, coll, statements, ordered))
     if txn is not None:
         if "writeErrors" in reply:
@@ -526,6 +545,9 @@ def _pin_upsert(stmt: dict[str, Any], update_key: str, query_key: str, new_id: A
 def cmd_delete(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "delete")
     statements = list(_doc_list(cmd, "deletes"))
+    refused = _refused_view_write(ctx, txn, db, coll, len(statements), cmd.get("ordered", True), "delete")
+    if refused is not None:
+        return refused
     return _counted_write(ctx, txn, "delete", storage.delete, db, coll, statements, cmd.get("ordered", True))
 
 
@@ -535,6 +557,7 @@ def cmd_find_and_modify(
 ) -> Reply:
     coll = _coll_name(cmd, next(iter(cmd)))
     ns = f"{db}.{coll}"
+    _refuse_view(ctx, db, coll)
 
     def run(view: storage.View) -> tuple[dict, list[ChangeRecord]]:
         try:
@@ -550,6 +573,32 @@ def cmd_find_and_modify(
             args = _pin_upsert(args, "update", "query", upserted)
         txn.ops.append(("findAndModify", db, coll, args))
     return reply
+
+
+def _refuse_view(ctx: Context, db: str, coll: str) -> None:
+    """166 for a command that needs a collection (writes, indexes, change streams)."""
+    with ctx.store.lock:
+        if views.is_view(ctx.store, db, coll):
+            raise views.not_a_collection(db, coll)
+
+
+def _resolved_view(ctx: Context, db: str, coll: str) -> tuple[str, list[dict[str, Any]]] | None:
+    with ctx.store.lock:
+        return views.resolve(ctx.store, db, coll)
+
+
+def _read_view(
+    ctx: Context,
+    txn: Transaction | None,
+    db: str,
+    coll: str,
+    resolved: tuple[str, list[dict[str, Any]]],
+    stages: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """A read on a view: the view's pipeline over its source collection, then the command's stages."""
+    source, pipeline = resolved
+    pipeline = pipeline + changestreams.translate_stages(stages)
+    return _read(ctx, txn, lambda view: list(view.collection(db, source).aggregate(pipeline)), f"{db}.{coll}")
 
 
 def _read(ctx: Context, txn: Transaction | None, fn: Callable[[storage.View], Any], ns: str) -> Any:
@@ -571,8 +620,11 @@ def cmd_find(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transac
         if cmd.get(option):
             raise MongoError(115, f"find option '{option}' is not supported by the MongoDB test server")
     ns = f"{db}.{coll}"
+    resolved = None if oplog.is_oplog(db, coll) else _resolved_view(ctx, db, coll)
     if oplog.is_oplog(db, coll):
         docs = oplog.find(ctx.log, cmd)
+    elif resolved is not None:
+        docs = _read_view(ctx, txn, db, coll, resolved, views.find_stages(cmd))
     else:
         docs = _read(ctx, txn, lambda view: list(storage.iter_find(view.collection(db, coll), cmd)), ns)
     single = bool(cmd.get("singleBatch")) or (isinstance(cmd.get("limit"), int) and cmd["limit"] < 0)
@@ -657,6 +709,9 @@ def cmd_kill_cursors(ctx: Context, conn: Connection, cmd: Command, db: str, txn:
 def cmd_count(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "count")
     find_cmd = {"filter": cmd.get("query") or {}, "skip": cmd.get("skip"), "limit": cmd.get("limit")}
+    resolved = _resolved_view(ctx, db, coll)
+    if resolved is not None:
+        return {"n": len(_read_view(ctx, txn, db, coll, resolved, views.find_stages(find_cmd)))}
     docs = _read(
         ctx, txn, lambda view: list(storage.iter_find(view.collection(db, coll), find_cmd)), f"{db}.{coll}"
     )
@@ -669,6 +724,10 @@ def cmd_distinct(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Tra
     key = cmd.get("key")
     if not isinstance(key, str):
         raise MongoError(14, "distinct key must be a string")
+    resolved = _resolved_view(ctx, db, coll)
+    if resolved is not None:
+        docs = _read_view(ctx, txn, db, coll, resolved, views.find_stages({"filter": cmd.get("query")}))
+        return {"values": views.distinct_values(docs, key)}
     values = _read(
         ctx, txn, lambda view: view.collection(db, coll).distinct(key, cmd.get("query") or {}), f"{db}.{coll}"
     )
@@ -689,6 +748,8 @@ def cmd_aggregate(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Tr
     if pipeline and isinstance(pipeline[0], dict) and "$changeStream" in pipeline[0]:
         if txn is not None:
             raise MongoError(263, "Cannot run a $changeStream in a multi-document transaction.")
+        if coll is not None:
+            _refuse_view(ctx, db, coll)
         stream = changestreams.open_stream(
             ctx.log, ctx.cursors.new_id(), db, coll, pipeline[0]["$changeStream"], pipeline[1:]
         )
@@ -723,8 +784,11 @@ def cmd_aggregate(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Tr
             f"database-level aggregate ({pipeline[0] if pipeline else {}}) is not supported by "
             "the MongoDB test server",
         )
-    stages = changestreams.translate_stages(pipeline)
     ns = f"{db}.{coll}"
+    resolved = _resolved_view(ctx, db, coll)
+    if resolved is not None:
+        return reply_cursor(ctx, ns, _read_view(ctx, txn, db, coll, resolved, pipeline), batch_size)
+    stages = changestreams.translate_stages(pipeline)
 
     def run(view: storage.View) -> list[dict[str, Any]]:
         return list(view.collection(db, coll).aggregate(stages))
@@ -740,6 +804,14 @@ def cmd_aggregate(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Tr
 @command("create")
 def cmd_create(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "create")
+    if "pipeline" in cmd and "viewOn" not in cmd:
+        raise MongoError(72, "'pipeline' requires 'viewOn' to also be specified")
+    if "viewOn" in cmd:
+        if txn is not None:
+            raise MongoError(263, "Cannot create a view in a multi-document transaction.")
+        with ctx.store.lock:
+            views.create(ctx.store, ctx.log, db, coll, cmd, ENVELOPE)
+        return {}
     unsupported = set(cmd) - {"create", "changeStreamPreAndPostImages", *ENVELOPE}
     if unsupported:
         raise MongoError(
@@ -748,6 +820,8 @@ def cmd_create(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
     images = bool((cmd.get("changeStreamPreAndPostImages") or {}).get("enabled"))
     view = _view(ctx, txn)
     with ctx.store.lock:
+        if views.is_view(ctx.store, db, coll):
+            raise MongoError(48, f"A view already exists. NS: {db}.{coll}")
         if view.exists(db, coll):
             raise MongoError(48, f"Collection {db}.{coll} already exists.")
         if txn is not None:
@@ -767,6 +841,9 @@ def cmd_create(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
 def cmd_drop(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "drop")
     with ctx.store.lock:
+        if views.is_view(ctx.store, db, coll):
+            views.drop(ctx.store, ctx.log, db, coll)
+            return {"ns": f"{db}.{coll}"}  # no nIndexesWas: a view has no indexes
         if not ctx.store.exists(db, coll):
             return {}  # MongoDB 7.0 answers ok for a collection that does not exist
         n_indexes = len(ctx.store.collection(db, coll).index_information())
@@ -783,11 +860,12 @@ def cmd_drop_database(
 ) -> Reply:
     with ctx.store.lock:
         names = ctx.store.collection_names(db)
+        had_views = views.has_system_views(ctx.store, db)
         records = [ChangeRecord("drop", db, name, uuid=ctx.store.coll_meta(db, name).uuid) for name in names]
         for name in names:
             ctx.store.forget(db, name)
         ctx.store.client.drop_database(db)
-        if records:
+        if records or had_views:
             records.append(ChangeRecord("dropDatabase", db, None))
         ctx.log.append(records)
     return {"dropped": db}
@@ -804,6 +882,10 @@ def cmd_rename(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
     dst_db, dst_coll = target.split(".", 1)
     store = ctx.store
     with store.lock:
+        if views.is_view(store, src_db, src_coll):
+            raise MongoError(166, f"cannot rename view: {source}")
+        if views.is_view(store, dst_db, dst_coll):
+            raise MongoError(48, f"a view already exists with that name: {target}")
         if not store.exists(src_db, src_coll):
             raise MongoError(26, f"Source collection {source} does not exist")
         description: dict[str, Any] = {"to": {"db": dst_db, "coll": dst_coll}}
@@ -836,6 +918,13 @@ def cmd_rename(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
 @command("collMod")
 def cmd_coll_mod(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "collMod")
+    with ctx.store.lock:
+        if views.is_view(ctx.store, db, coll):
+            views.coll_mod(ctx.store, ctx.log, db, coll, cmd, ENVELOPE)
+            return {}
+    for option in ("pipeline", "viewOn"):
+        if option in cmd:
+            raise MongoError(72, f"option only supported on a view: {option}")
     unsupported = set(cmd) - {"collMod", "changeStreamPreAndPostImages", *ENVELOPE}
     if unsupported:
         raise MongoError(
@@ -889,8 +978,27 @@ def cmd_list_collections(
                 }
             if filter_applies(cmd.get("filter") or {}, doc):
                 docs.append(doc)
+        docs.extend(_list_views(ctx, db, cmd))
     batch_size = (cmd.get("cursor") or {}).get("batchSize")
     return reply_cursor(ctx, f"{db}.$cmd.listCollections", docs, batch_size)
+
+
+def _list_views(ctx: Context, db: str, cmd: Command) -> list[dict[str, Any]]:
+    """listCollections documents of the views and of system.views (mongod creates it with the first view)."""
+    docs = views.all_views(ctx.store, db)
+    if cmd.get("nameOnly"):
+        docs = [{"name": d["name"], "type": "view"} for d in docs]
+    if views.has_system_views(ctx.store, db):
+        uuid = ctx.store.coll_meta(db, views.SYSTEM_VIEWS).uuid
+        system: dict[str, Any] = {"name": views.SYSTEM_VIEWS, "type": "collection"}
+        if not cmd.get("nameOnly"):
+            system.update(
+                options={},
+                info={"readOnly": False, "uuid": Binary.from_uuid(uuid)},
+                idIndex=dict(expanded_events.ID_INDEX),
+            )
+        docs.append(system)
+    return [d for d in docs if filter_applies(cmd.get("filter") or {}, d)]
 
 
 @command("listDatabases")
@@ -912,6 +1020,7 @@ def cmd_create_indexes(
 ) -> Reply:
     coll = _coll_name(cmd, "createIndexes")
     specs = cmd.get("indexes")
+    _refuse_view(ctx, db, coll)
     if not isinstance(specs, list) or not specs:
         raise MongoError(2, "Must specify at least one index to create")
     view = _view(ctx, txn)
@@ -980,6 +1089,7 @@ def _index_docs(c: mongomock.Collection) -> list[dict[str, Any]]:
 @command("listIndexes")
 def cmd_list_indexes(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transaction | None) -> Reply:
     coll = _coll_name(cmd, "listIndexes")
+    _refuse_view(ctx, db, coll)
     view = _view(ctx, txn)
     with ctx.store.lock:
         if not view.exists(db, coll):
@@ -993,6 +1103,7 @@ def cmd_drop_indexes(ctx: Context, conn: Connection, cmd: Command, db: str, txn:
     name = next(iter(cmd))
     coll = _coll_name(cmd, name)
     index = cmd.get("index")
+    _refuse_view(ctx, db, coll)
     with ctx.store.lock:
         if not ctx.store.exists(db, coll):
             raise MongoError(26, f"ns not found {db}.{coll}")

@@ -27,6 +27,9 @@ def prepare(store: Store, records: list[ChangeRecord]) -> list[ChangeRecord]:
     """The records with UUIDs, and a create event before the first write to a new collection."""
     out: list[ChangeRecord] = []
     for record in records:
+        if record.view:
+            out.append(record)  # a view has no UUID and no implicit create
+            continue
         if record.coll is not None and record.op not in _NO_CREATE:
             meta = store.coll_meta(record.db, record.coll)
             if not meta.announced:

@@ -35,7 +35,9 @@ def entry(event: Event) -> dict[str, Any]:
     record = event.record
     ns = f"{record.db}.{record.coll}" if record.coll else f"{record.db}.$cmd"
     doc: dict[str, Any] = {"op": "c", "ns": ns, "o": {}}
-    if record.op == "insert":
+    if record.view:
+        doc = _view_entry(record)
+    elif record.op == "insert":
         doc = {"op": "i", "ns": ns, "o": record.full_document or {}, "o2": record.document_key or {}}
     elif record.op in ("update", "replace"):
         if record.op == "replace" or record.update_description is None:
@@ -60,6 +62,16 @@ def entry(event: Event) -> dict[str, Any]:
     elif record.op in ("create", "createIndexes", "dropIndexes", "modify"):
         doc = {"op": "c", "ns": f"{record.db}.$cmd", **_ddl(record)}
     return {**doc, "ts": event.ts, "t": _TERM, "v": _VERSION, "wall": event.wall}
+
+
+def _view_entry(record: Any) -> dict[str, Any]:
+    """A view's create / collMod / drop: mongod's write to its database's system.views."""
+    ns, key = f"{record.db}.system.views", {"_id": f"{record.db}.{record.coll}"}
+    if record.op == "create":
+        return {"op": "i", "ns": ns, "o": {**key, **(record.description or {})}, "o2": key}
+    if record.op == "modify":
+        return {"op": "u", "ns": ns, "o": {**key, **(record.description or {})}, "o2": key}
+    return {"op": "d", "ns": ns, "o": key}
 
 
 def _ddl(record: Any) -> dict[str, Any]:

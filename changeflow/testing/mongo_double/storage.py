@@ -48,6 +48,7 @@ class ChangeRecord:
     uuid: uuid.UUID | None = None
     description: dict[str, Any] | None = None
     state_before: dict[str, Any] | None = None
+    view: bool = False  # a view's create/modify/drop (views.py): expanded database/cluster streams only
 
 
 @dataclass
