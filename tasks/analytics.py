@@ -82,19 +82,27 @@ def analytics_bucket(event: Mapping[str, Any]) -> Bucket | None:
     return Bucket(event_time(event).strftime("%Y-%m-%d"), status)
 
 
+class Count(NamedTuple):
+    """One event to count: its dedup key, its counter, and its order's _id (kept on its marker)."""
+
+    key: str
+    bucket: Bucket
+    order_id: Any = None
+
+
 def count_once(db: Database, key: str, bucket: Bucket) -> bool:
     """Increment `bucket` for the event of `key` unless it was counted; True when this call counted."""
-    return key in count_batch(db, [(key, bucket)])
+    return key in count_batch(db, [Count(key, bucket)])
 
 
-def count_batch(db: Database, counts: Sequence[tuple[str, Bucket]]) -> set[str]:
-    """Count each (key, bucket) whose key was not counted before, in one transaction; the keys counted.
+def count_batch(db: Database, counts: Sequence[Count]) -> set[str]:
+    """Count each event whose key was not counted before, in one transaction; the keys counted.
 
     In the transaction: the markers that exist already (one find), the new markers (one insert_many),
     the increments (one bulk write, one `$inc` per bucket). A marker written meanwhile by another
     transaction aborts this one (a write conflict or duplicate key), which then runs again and finds it.
     """
-    wanted = dict(counts)  # one key twice in a list counts once
+    wanted = {count.key: count for count in counts}  # one key twice in a list counts once
     if not wanted:
         return set()
     counted: set[str] = set()
@@ -107,15 +115,18 @@ def count_batch(db: Database, counts: Sequence[tuple[str, Bucket]]) -> set[str]:
                 {"_id": {"$in": list(wanted)}}, {"_id": 1}, session=session
             )
         }
-        new = {key: bucket for key, bucket in wanted.items() if key not in seen}
+        new = {key: count for key, count in wanted.items() if key not in seen}
         if not new:
             return
         now = datetime.now(UTC)
         db.order_analytics_applied.insert_many(
-            [{"_id": key, "bucket": bucket.id, "applied_at": now} for key, bucket in new.items()],
+            [
+                {"_id": key, "bucket": count.bucket.id, "order_id": count.order_id, "applied_at": now}
+                for key, count in new.items()
+            ],
             session=session,
         )
-        increments = Counter(new.values())
+        increments = Counter(count.bucket for count in new.values())
         db.order_analytics.bulk_write(
             [
                 UpdateOne(
@@ -153,7 +164,7 @@ def update_analytics(events: list[dict[str, Any]]) -> dict[int, BaseException] |
     counts for nothing, the ValueError of bad data; the others are counted.
     """
     failures: dict[int, BaseException] = {}
-    counts: list[tuple[str, Bucket]] = []
+    counts: list[Count] = []
     for position, event in enumerate(events):
         try:
             bucket = analytics_bucket(event)
@@ -163,6 +174,6 @@ def update_analytics(events: list[dict[str, Any]]) -> dict[int, BaseException] |
         if bucket is None:
             failures[position] = Skip("the event changes no order status")
         else:
-            counts.append((event_key(event), bucket))
+            counts.append(Count(event_key(event), bucket, (event.get("documentKey") or {}).get("_id")))
     count_batch(get_db(), counts)
     return failures or None
