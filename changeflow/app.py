@@ -25,6 +25,7 @@ from celery import Celery, Task
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from changeflow.listener.routes import FieldChanged, Route
+from changeflow.worker.batches import BatchTask, batch_size, check_batch_size
 from changeflow.worker.idempotent import IdempotentTask
 from changeflow.worker.settings import Settings, SettingsError, default_app_spec, get_settings
 
@@ -113,6 +114,7 @@ class Changeflow(Celery):
         pre_images: bool = False,
         name: str | None = None,
         ordered_by: bool | str | None = None,
+        batch: int | None = None,
         **task_options: Any,
     ) -> Callable[[Callable[..., Any] | Task], Task]:
         """Register the function as a task behind the dedup guard and route these events to it.
@@ -124,6 +126,9 @@ class Changeflow(Celery):
         raises. `task_options` pass through to Celery (`max_retries`, `rate_limit`, `queue`, ...).
         `ordered_by` ("documentKey", True for it, or a payload field path) runs the task's messages
         one at a time per key, in stream order (docs/ordering.md); it is the task's, for all its routes.
+        `batch=N` makes a batched task: the function takes a list of at most N events (grouped by the
+        listener), each behind its own dedup key (changeflow/worker/batches.py, docs/batches.md); a task
+        option, so on the innermost @app.on.
         """
 
         def decorator(target: Callable[..., Any] | Task) -> Task:
@@ -133,6 +138,8 @@ class Changeflow(Celery):
                     raise ValueError(f"@app.on on task {task.name!r} of another app")
                 if name is not None and name != task.name:
                     raise ValueError(f"stacked @app.on names {name!r}, the task is {task.name!r}")
+                if batch is not None:
+                    raise ValueError(f"batch= for {task.name!r} goes on the innermost @app.on")
                 if task_options:
                     raise ValueError(
                         f"task options for {task.name!r} go on the innermost @app.on, "
@@ -153,7 +160,8 @@ class Changeflow(Celery):
             route = self._checked_route(
                 collection, operation_types, task_name, when, match, ordered_by, pre_images
             )
-            task = self._register(target, task_name, task_options)
+            options = _batched(task_name, batch, route, task_options) if batch is not None else task_options
+            task = self._register(target, task_name, options)
             self._routes.append(route)
             return task
 
@@ -206,6 +214,10 @@ class Changeflow(Celery):
 
     def _check_ordering(self, route: Route) -> None:
         """A task has one ordering: routes to it must not name different `ordered_by` paths."""
+        if route.ordered_by:
+            for task_name in route.tasks:
+                if batch_size(self._tasks.get(task_name)) is not None:  # _tasks: no finalize here
+                    raise ValueError(f"task {task_name!r} is batched: it cannot be ordered_by as well")
         for other in self._routes:
             for task_name in set(route.tasks) & set(other.tasks):
                 if route.ordered_by and other.ordered_by and route.ordered_by != other.ordered_by:
@@ -255,6 +267,8 @@ class Changeflow(Celery):
                         f"route on {route.collection!r} {list(route.operation_types)} names task "
                         f"{task_name!r}, which app {self.main!r} does not have"
                     )
+                elif route.ordered_by and batch_size(known[task_name]) is not None:
+                    problems.append(f"task {task_name!r} is batched: it cannot be ordered_by as well")
         return problems
 
     # Discovery ---------------------------------------------------------------------------------
@@ -287,6 +301,17 @@ class Changeflow(Celery):
 
 # Task options that choose where a message goes besides `queue=`: not honoured by the publishers.
 _DESTINATION_OPTIONS = frozenset({"exchange", "routing_key"})
+
+
+def _batched(task_name: str, batch: object, route: Route, options: dict[str, Any]) -> dict[str, Any]:
+    """The task options of a batched task (`batch=`), refused when they cannot go together."""
+    size = check_batch_size(task_name, batch)
+    if route.ordered_by:
+        raise ValueError(f"task {task_name!r}: batch= and ordered_by= cannot go together")
+    base = options.get("base", BatchTask)
+    if not (isinstance(base, type) and issubclass(base, BatchTask)):
+        raise TypeError(f"task {task_name!r}: a batched task's base must subclass BatchTask")
+    return {**options, "base": base, "batch_size": size}
 
 
 def _skipped(module: str) -> bool:

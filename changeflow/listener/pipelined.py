@@ -133,6 +133,16 @@ def summary_argsrepr(payload: Mapping[str, Any]) -> str:
 _SUMMARY_LABELS = [(key, f"{key!r}: ") for key in SUMMARY_FIELDS]
 
 
+def batch_argsrepr(payloads: list[Mapping[str, Any]]) -> str:
+    """A batch's argsrepr (Flower): how many events, and the first's and the last's summaries."""
+    if not payloads:
+        return "[[]]"
+    ends = [summary_argsrepr(payloads[0])[1:-1]]
+    if len(payloads) > 1:
+        ends.append(summary_argsrepr(payloads[-1])[1:-1])
+    return f"[<{len(payloads)} events> [{', ..., '.join(ends)}]]"
+
+
 class PipelinedPublisher:
     """Publishes a batch of task messages in one pipelined Redis round trip (see the module doc).
 
@@ -286,6 +296,8 @@ class PipelinedPublisher:
         return '"' + binascii.b2a_base64(raw, newline=False).decode("ascii") + '"'
 
     def _argsrepr(self, payload: dict[str, Any]) -> str:
+        if isinstance(payload, list):  # a batched task's events (changeflow/listener/batching.py)
+            return batch_argsrepr(payload)
         if self.exact_argsrepr:
             return saferepr(
                 [payload], self.app.amqp.argsrepr_maxsize, maxlevels=self.app.conf.task_repr_maxlevels

@@ -223,6 +223,12 @@ def make_publisher(settings: Settings, app: Celery) -> Publisher:
         )
 
         publisher = PipelinedPublisher(app)
+    from changeflow.listener.batching import BatchingPublisher, batch_sizes
+
+    sizes = batch_sizes(app)
+    if sizes:
+        # Batched tasks' events go as lists (changeflow/listener/batching.py); never ordered ones.
+        publisher = BatchingPublisher(publisher, sizes)
     routes = getattr(app, "routes", ())
     if any(route.ordered_by for route in routes):
         # Ordered tasks' members go into their sets before the batch is published (both publishers).
