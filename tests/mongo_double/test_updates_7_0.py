@@ -60,7 +60,7 @@ def test_upserts_store_id_first(db: Database) -> None:
             {"k": 1}, {"$set": {"b": 2}, "$setOnInsert": {"c": 3}}, upsert=True
         ).upserted_id
         replacement = db.c.replace_one({"k": 2}, {"b": 2}, upsert=True).upserted_id
-        id_last = db.c.replace_one({"_id": 7}, SON([("b", 2), ("_id", 7)]), upsert=True).upserted_id
+        assert db.c.replace_one({"_id": 7}, SON([("b", 2), ("_id", 7)]), upsert=True).upserted_id == 7
         found = db.c.find_one_and_update(
             {"k": 3}, {"$set": {"b": 2}}, upsert=True, return_document=ReturnDocument.AFTER
         )
