@@ -211,6 +211,11 @@ def test_pipeline_expression_the_double_lacks_is_refused(db: Database, only_doub
     with pytest.raises(OperationFailure) as err:
         db.c.update_one({"_id": 1}, [{"$set": {"x": {"$setField": {"field": "a", "input": {}, "value": 1}}}}])
     assert err.value.code == 115 and "$setField" in str(err.value)
+    reply = db.command(
+        {"update": "c", "updates": [{"q": {"_id": 1}, "u": [{"$set": {"x": "$$k"}}], "c": {"k": 1}}]}
+    )
+    assert reply["n"] == 0 and reply["writeErrors"][0]["code"] == 115
+    assert db.c.find_one({"_id": 1}) == {"_id": 1}
 
 
 # ---------------------------------------------------------------------------------------------

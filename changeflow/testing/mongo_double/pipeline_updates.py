@@ -138,7 +138,7 @@ def _expression_error(exc: Exception) -> MongoError:
         name = text.split(marker, 1)[1].split("'", 1)[0]
         if name in _MONGODB_EXPRESSIONS:
             return MongoError(115, f"expression {name} is not supported by the MongoDB test server")
-        return MongoError(168, f"Invalid $set :: caused by :: Unrecognized expression '{name}'")
+        return MongoError(168, f"Unrecognized expression '{name}'")
     code = getattr(exc, "code", None)
     return MongoError(code if isinstance(code, int) and code else 2, f"{type(exc).__name__}: {text}")
 

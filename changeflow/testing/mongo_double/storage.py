@@ -351,6 +351,8 @@ def update(
     records: list[ChangeRecord] = []
     for index, stmt in enumerate(statements):
         try:
+            if "c" in stmt:  # mongomock's expressions cannot see the constants: refuse, not ignore
+                raise MongoError(115, "update constants ('c') are not supported by the MongoDB test server")
             matched, mod, upserted_id, recs = update_statement(
                 view,
                 db,
