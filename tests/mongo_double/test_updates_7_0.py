@@ -302,3 +302,12 @@ def test_disambiguated_paths_only_with_show_expanded_events(db: Database) -> Non
     assert [e["updateDescription"]["updatedFields"] for e in plain_events] == [
         e["updateDescription"]["updatedFields"] for e in events
     ]
+
+
+def test_operator_update_creating_a_sub_document_reports_it_whole(db: Database) -> None:
+    db.c.insert_one({"_id": 1, "pad": PAD})
+    with watch(db, show_expanded_events=True) as stream:
+        db.c.update_one({"_id": 1}, {"$set": {"x.5": 1, "y.z.w": 2}})
+        event = next_event(stream)
+    assert event["updateDescription"]["updatedFields"] == {"x": {"5": 1}, "y": {"z": {"w": 2}}}
+    assert event["updateDescription"]["disambiguatedPaths"] == {}

@@ -202,9 +202,28 @@ def update_description_for(
                 continue
             elif op in _ARRAY_OPS and isinstance(old, list) and isinstance(new, list):
                 _diff_value(old, new, path, updated, removed, truncated)
+            elif old is _MISSING and (created := _created_path(before, path)) != path:
+                # mongod logs a sub-document the update created whole: `$set: {"a.b": 1}` on {} is `a`.
+                updated[created] = _lookup(after, created)
             elif old is _MISSING or type(old) is not type(new) or old != new:
                 updated[path] = new
     return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": truncated}
+
+
+def _created_path(before: dict[str, Any], path: str) -> str:
+    """The prefix of `path` up to its first field missing from a document in `before`."""
+    parts = path.split(".")
+    doc: Any = before
+    for depth, part in enumerate(parts):
+        if isinstance(doc, dict):
+            if part not in doc:
+                return ".".join(parts[: depth + 1])
+            doc = doc[part]
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return path
+    return path
 
 
 def _lookup(doc: Any, path: str) -> Any:
