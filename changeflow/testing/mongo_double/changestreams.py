@@ -653,6 +653,12 @@ def build_event(event: Event, stream: ChangeStream, lookup: Lookup) -> dict[str,
         doc["documentKey"] = rec.document_key
     if rec.op == "update":
         doc["updateDescription"] = rec.update_description
+        if stream.show_expanded:
+            # mongod 7.0 reports disambiguatedPaths only with showExpandedEvents, then always (maybe {}).
+            doc["updateDescription"] = {
+                **(rec.update_description or {}),
+                "disambiguatedPaths": rec.disambiguated_paths or {},
+            }
         if stream.full_document == "updateLookup":
             doc["fullDocument"] = lookup(rec.db, rec.coll or "", rec.document_key or {})
         elif stream.full_document in ("whenAvailable", "required"):
