@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import bench.mongo_double_growth as mongo_double_growth
 from bench import latency, listener_throughput, memory, ordering_throughput, worker_throughput
 
 FULL: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
@@ -23,6 +24,7 @@ FULL: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
     "3": (latency.main, []),
     "4": (memory.main, []),
     "5": (ordering_throughput.main, []),
+    "9": (mongo_double_growth.main, []),
 }
 QUICK: dict[str, list[str]] = {
     "1": ["--sizes", "200", "--naive-max", "100", "--repeat", "1", "--stream-sizes", "100"],
@@ -30,13 +32,14 @@ QUICK: dict[str, list[str]] = {
     "3": ["--rates", "20", "--seconds", "0.5", "--workers", "1"],
     "4": ["--sizes", "100,200"],
     "5": ["--tasks", "40"],
+    "9": ["--sizes", "50,200", "--ops", "30", "--rounds", "1"],
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the scripts run")
-    parser.add_argument("--only", default="1,2,3,4,5", help="which benchmarks, e.g. 1,4")
+    parser.add_argument("--only", default=",".join(FULL), help="which benchmarks, e.g. 1,4")
     args = parser.parse_args(argv)
     started = time.monotonic()
     for key in args.only.split(","):
