@@ -91,9 +91,8 @@ def run_size(
 
     def inserts() -> None:
         for i in range(ops):
-            coll.insert_one(
-                {"_id": ObjectId(), "email": f"new{size}-{i}@example.test", "name": "New", "n": i}
-            )
+            _id = ObjectId()
+            coll.insert_one({"_id": _id, "email": f"new-{_id}@example.test", "name": "New", "n": i})
 
     def finds() -> None:
         for _id in targets:
@@ -101,8 +100,8 @@ def run_size(
                 raise SystemExit(f"document {_id} not found")
 
     def updates() -> None:
-        for i, _id in enumerate(targets):
-            if coll.update_one({"_id": _id}, {"$set": {"plan": f"paid-{size}-{i}"}}).matched_count != 1:
+        for _id in targets:
+            if coll.update_one({"_id": _id}, {"$set": {"plan": f"paid-{ObjectId()}"}}).matched_count != 1:
                 raise SystemExit(f"document {_id} not updated")
 
     result["inserts"] = measure(pid, ops, inserts)
