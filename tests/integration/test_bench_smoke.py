@@ -24,3 +24,4 @@ def test_all_benchmarks_run_on_tiny_sizes() -> None:
     assert "(a) core" in result.stdout and "tasks/s" in result.stdout and "p99" in result.stdout
     assert "peak RSS" in result.stdout
     assert "of unordered" in result.stdout
+    assert "== 9." in result.stdout and "-> target" in result.stdout

@@ -21,7 +21,7 @@ import mongomock
 import pymongo.errors
 from bson import ObjectId
 
-from changeflow.testing.mongo_double import pipeline_updates
+from changeflow.testing.mongo_double import indexes, pipeline_updates
 from changeflow.testing.mongo_double import update_description as diffs
 from changeflow.testing.mongo_double.errors import (
     BSON_MAX_INTERNAL_SIZE,
@@ -78,7 +78,7 @@ class Store:
     def __init__(self) -> None:
         # Re-entrant: commit replays a transaction's operations through the same functions.
         self.lock = threading.RLock()
-        self.client = mongomock.MongoClient()
+        self.client = indexes.indexed_client()
         self.meta: dict[tuple[str, str], CollectionMeta] = {}
         self._collections: dict[tuple[str, str], mongomock.Collection] = {}
 
