@@ -2,7 +2,8 @@
 
     python -m bench                 the full set (a few minutes)
     python -m bench --quick         tiny sizes: checks that every script runs (the smoke test uses it)
-    python -m bench --only 1,4      a subset (1 listener, 2 worker, 3 latency, 4 memory, 5 ordering)
+    python -m bench --only 1,4      a subset (1 listener, 2 worker, 3 latency, 4 memory, 5 ordering,
+                                    6 pools for slow effects)
 
 Every benchmark starts servers of its own (private redis-server, MongoDB test server, workers) and
 stops them; nothing touches the Redis on 127.0.0.1:6379. See docs/performance.md.
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import latency, listener_throughput, memory, ordering_throughput, worker_throughput
+from bench import latency, listener_throughput, memory, ordering_throughput, pools, worker_throughput
 
 FULL: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
     "1": (listener_throughput.main, []),
@@ -23,6 +24,7 @@ FULL: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
     "3": (latency.main, []),
     "4": (memory.main, []),
     "5": (ordering_throughput.main, []),
+    "6": (pools.main, []),
 }
 QUICK: dict[str, list[str]] = {
     "1": ["--sizes", "200", "--naive-max", "100", "--repeat", "1", "--stream-sizes", "100"],
@@ -30,13 +32,14 @@ QUICK: dict[str, list[str]] = {
     "3": ["--rates", "20", "--seconds", "0.5", "--workers", "1"],
     "4": ["--sizes", "100,200"],
     "5": ["--tasks", "40"],
+    "6": ["--pools", "threads:10", "--emails", "10", "--no-baseline"],
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the scripts run")
-    parser.add_argument("--only", default="1,2,3,4,5", help="which benchmarks, e.g. 1,4")
+    parser.add_argument("--only", default=",".join(FULL), help="which benchmarks, e.g. 1,4")
     args = parser.parse_args(argv)
     started = time.monotonic()
     for key in args.only.split(","):

@@ -118,6 +118,7 @@ def test_effects_once_duplicates_retries_dead_letters_and_order_under_the_pool(
         log = worker.log_text()
         dead_letters = effects.dead_letters
 
+    assert re.search(rf"-P {pool}: TASK_SOFT_TIME_LIMIT \(30s\)[^\n]* not enforced", log), log[:3000]
     # Every effect of the workload once (emails, profiles, analytics), nothing doubled.
     assert effects.welcome == work.expected_welcome_recipients() + Counter({"racer@example.test": 1})
     assert effects.shipping == work.expected_shipping_recipients()
@@ -167,3 +168,40 @@ def test_traces_under_the_pool(receiver: Receiver, pool: str, concurrency: int) 
             sorted(names()),
             pipeline.logs(),
         )
+
+
+@pytest.mark.parametrize(("pool", "concurrency"), POOLS, ids=[p for p, _ in POOLS])
+def test_time_limits_hold_as_documented_for_the_pool(pool: str, concurrency: int) -> None:
+    """gevent enforces the hard limit (at the task's next I/O wait): the guard lets its lease go and
+    the task is a dead letter, as under prefork. threads enforces none: the slow mail goes out."""
+    env = {"TASK_SOFT_TIME_LIMIT": "1", "TASK_TIME_LIMIT": "2"}
+    with _pipeline(pool, concurrency, env) as pipeline:
+        assert pipeline.sink is not None
+        pipeline.sink.delay_seconds = 4.0  # the SMTP reply comes after the hard limit
+        user_id = pipeline.db.users.insert_one({"name": "Slow", "email": "slow@example.test"}).inserted_id
+        letters = pipeline.db.changeflow_dead_letters
+        if pool == "gevent":
+            assert wait_until(lambda: letters.count_documents({}) == 1, timeout=60), pipeline.logs()
+            letter = letters.find_one()
+            assert letter is not None
+            redis_client = pipeline.redis_client()
+            lease_left = redis_client.exists(f"changeflow:lease:{letter['task_id']}")
+            done = redis_client.exists(f"changeflow:done:{letter['task_id']}")
+            redis_client.close()
+        else:
+            pipeline.sink.wait_for(1, timeout=60)
+        time.sleep(3)  # whatever else would happen (a second letter, a retry) shows up now
+        log = pipeline.workers[0].log_text()
+        all_letters = list(letters.find())
+        profiles = pipeline.db.profiles.count_documents({"_id": user_id})
+
+    assert profiles == 1  # the user's other effect is untouched
+    if pool == "gevent":
+        [letter] = all_letters
+        assert (letter["task"], letter["reason"]) == (WELCOME, "permanent")
+        assert "TimeLimitExceeded: hard time limit (2" in letter["error"]
+        assert (lease_left, done) == (0, 0)  # released by the guard, not done: a replay sends it
+        assert "Hard time limit (2" in log
+    else:
+        assert all_letters == []
+        assert "Hard time limit" not in log and "SoftTimeLimitExceeded" not in log
