@@ -23,6 +23,7 @@ from bench import (
     memory,
     mongo_double_growth,
     ordering_throughput,
+    pools,
     worker_throughput,
 )
 
@@ -32,6 +33,7 @@ FULL: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
     "3": (latency.main, []),
     "4": (memory.main, []),
     "5": (ordering_throughput.main, []),
+    "6": (pools.main, []),
     "8": (batch_latency.main, []),
     "9": (mongo_double_growth.main, []),
 }
@@ -41,6 +43,7 @@ QUICK: dict[str, list[str]] = {
     "3": ["--rates", "20", "--seconds", "0.5", "--workers", "1"],
     "4": ["--sizes", "100,200"],
     "5": ["--tasks", "40"],
+    "6": ["--pools", "threads:10", "--emails", "10", "--no-baseline"],
     "8": ["--rates", "20", "--seconds", "0.5", "--workers", "1", "--modes", "on"],
     "9": ["--sizes", "50,200", "--ops", "30", "--rounds", "1"],
 }

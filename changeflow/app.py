@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 
 from changeflow.listener.routes import FieldChanged, Route
 from changeflow.worker.batches import BatchTask, batch_size, check_batch_size
@@ -404,8 +404,36 @@ def _start_tracing(**_: Any) -> None:
     tracing.setup("changeflow-worker")
 
 
+@worker_init.connect
+def _start_tracing_in_worker(sender: Any = None, **_: Any) -> None:
+    """Traces in the worker process itself under a pool that runs tasks there without forking (threads,
+    gevent): Celery sends worker_process_init from prefork children (and the solo pool) only."""
+    if not _pool_forks(sender):
+        from changeflow import tracing
+
+        tracing.setup("changeflow-worker")
+
+
+def _pool_forks(worker: Any) -> bool:
+    """Whether the worker's pool is prefork (`-P`/worker_pool: a name or, from the CLI, a class)."""
+    from celery import concurrency
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    pool = concurrency.get_implementation(getattr(worker, "pool_cls", None) or "prefork")
+    return isinstance(pool, type) and issubclass(pool, PreforkPool)
+
+
 @worker_process_shutdown.connect
 def _flush_traces(**_: Any) -> None:
+    from changeflow import tracing
+
+    tracing.shutdown()
+
+
+@worker_shutdown.connect
+def _flush_worker_traces(**_: Any) -> None:
+    # threads/gevent: the worker process's own spans (no pool process sends worker_process_shutdown);
+    # a prefork main process has no tracing set up, and this does nothing.
     from changeflow import tracing
 
     tracing.shutdown()

@@ -60,10 +60,12 @@ class LocalPipeline:
         realtime_demo: bool = False,
         console: bool = False,
         metrics: bool = False,
+        worker_pool: str | None = None,
     ) -> None:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="changeflow-run-"))
         self.worker_count = workers
         self.worker_concurrency = worker_concurrency
+        self.worker_pool = worker_pool  # the workers' -P (threads, gevent); None: prefork
         self.flower_port = flower_port
         self.oplog_size = oplog_size
         self.extra_env = extra_env or {}
@@ -186,8 +188,9 @@ class LocalPipeline:
     def start_worker(self, name: str) -> ManagedProcess:
         env = {**self.env, **self._metrics_env("WORKER_METRICS_PORT", name)}
         worker = worker_process(
-            env, name, app=self.worker_app, concurrency=self.worker_concurrency, log_dir=self.log_dir
-        )
+            env, name, app=self.worker_app, concurrency=self.worker_concurrency, log_dir=self.log_dir,
+            pool=self.worker_pool,
+        )  # fmt: skip
         self.workers.append(worker.start(timeout=60))
         return worker
 

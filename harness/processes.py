@@ -169,15 +169,19 @@ def worker_process(
     log_dir: Path | None = None,
     cwd: Path | None = None,
     queues: Sequence[str] = (),
+    pool: str | None = None,
 ) -> ManagedProcess:
     """`celery -A <app> worker` (app: changeflow's `worker`, a test app built on it, or a team's);
-    `queues`: the queues it consumes (`-Q`), else Celery's default queue."""
+    `queues`: the queues it consumes (`-Q`), else Celery's default queue; `pool`: its `-P` (threads,
+    gevent, ...), else Celery's default (prefork)."""
     args = [
         "-A", app, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency),
         "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip",
     ]  # fmt: skip
     if queues:
         args += ["-Q", ",".join(queues)]
+    if pool:
+        args += ["-P", pool]
     return python_module(name, "celery", *args, env=env, ready=r"ready\.", log_dir=log_dir, cwd=cwd)
 
 

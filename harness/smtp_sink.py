@@ -7,6 +7,8 @@
 
 The sink offers SMTPUTF8 (RFC 6531: internationalized addresses such as `jörg@exämple.test`) like
 current mail servers do; `SmtpSink(smtputf8=False)` / `--no-smtputf8` is one that does not.
+`SmtpSink(delay_seconds=0.1)` / `--delay-ms 100` answers each message that much later (a slow mail
+server: the pools benchmark); sessions wait concurrently, as on a real server.
 
 `python -m harness.smtp_sink --port N` runs one in the foreground: it prints
 `ready smtp://127.0.0.1:PORT` once listening, then one line per received message.
@@ -15,6 +17,7 @@ current mail servers do; `SmtpSink(smtputf8=False)` / `--no-smtputf8` is one tha
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 import threading
@@ -69,13 +72,20 @@ class _Handler:
         self.sink = sink
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.sink.delay_seconds > 0:
+            await asyncio.sleep(self.sink.delay_seconds)  # other sessions go on meanwhile
         return self.sink._receive(envelope)
 
 
 class SmtpSink:
     """An aiosmtpd server in a background thread; `messages` is what it accepted, in order."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", *, smtputf8: bool = True) -> None:
+    def __init__(
+        self, port: int = 0, host: str = "127.0.0.1", *, smtputf8: bool = True, delay_seconds: float = 0.0
+    ) -> None:
+        if delay_seconds < 0:
+            raise ValueError(f"delay_seconds must be >= 0, got {delay_seconds}")
+        self.delay_seconds = delay_seconds
         self.host = host
         self.port = port or free_port()
         self.on_message: Callable[[ReceivedMessage], None] | None = None
@@ -173,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-smtputf8", dest="smtputf8", action="store_false", help="do not offer SMTPUTF8 (RFC 6531)"
     )
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, help="answer each message this many ms later (a slow server)"
+    )
     args = parser.parse_args(argv)
+    if args.delay_ms < 0:
+        parser.error("--delay-ms must be >= 0")
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -181,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    with SmtpSink(port=args.port, host=args.host, smtputf8=args.smtputf8) as sink:
+    with SmtpSink(
+        port=args.port, host=args.host, smtputf8=args.smtputf8, delay_seconds=args.delay_ms / 1000
+    ) as sink:
         sink.on_message = _print_message
         print(f"ready {sink.url}", flush=True)
         stop.wait()

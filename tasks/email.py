@@ -14,11 +14,12 @@ loses bidi control characters, which could make a mail client show it in another
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import smtplib
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -185,6 +186,23 @@ def new_status(event: Mapping[str, Any]) -> str | None:
     return status if isinstance(status, str) else None
 
 
+@contextlib.contextmanager
+def smtp_session(host: str, port: int) -> Iterator[smtplib.SMTP]:
+    """A connection to the mail server: QUIT after a conversation that went through, as smtplib's own
+    `with` does; after one broken off midway (an error, or gevent's hard time limit interrupting a
+    wait), closed without QUIT. The server's next reply may answer an earlier command (a late 250 to
+    DATA): smtplib's QUIT would read it as its own and raise in place of what broke the conversation.
+    """
+    smtp = smtplib.SMTP(host, port, timeout=SMTP_TIMEOUT_SECONDS)
+    try:
+        yield smtp
+    except BaseException:
+        smtp.close()
+        raise
+    with smtp:  # QUIT (an unexpected reply to it raises, as before)
+        pass
+
+
 def send(message: EmailMessage) -> None:
     """Hand `message` to SMTP_HOST:SMTP_PORT; 4xx replies are transient, 5xx permanent.
 
@@ -196,7 +214,7 @@ def send(message: EmailMessage) -> None:
             tracing.span(
                 "smtp.send", **{"server.address": settings.smtp_host, "server.port": settings.smtp_port}
             ),
-            smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=SMTP_TIMEOUT_SECONDS) as smtp,
+            smtp_session(settings.smtp_host, settings.smtp_port) as smtp,
         ):
             smtp.ehlo_or_helo_if_needed()
             if not smtp.has_extn("smtputf8"):

@@ -8,13 +8,16 @@ publishes through the same app, so both sides share the serializer and task name
 from __future__ import annotations
 
 import gc
+import logging
 from typing import Any
 
 from celery.signals import worker_process_init, worker_ready
 
 from changeflow.worker.dedup import reset_dedup_store
 from changeflow.worker.mongo import reset_db
-from changeflow.worker.settings import Settings
+from changeflow.worker.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -66,3 +69,23 @@ def _freeze_startup_objects(**_: object) -> None:
     # Celery's start-up objects live as long as the process: moved out of the collector's reach, its
     # full passes no longer stall the consumer loop for 30-50 ms (docs/performance.md).
     gc.freeze()
+
+
+@worker_ready.connect
+def _say_which_time_limits_hold(sender: Any = None, **_: object) -> None:
+    """Celery enforces time limits by pool: both under prefork; under gevent only the hard one, at the
+    task's next I/O wait; none under threads. Said once at start, so nobody counts on a missing one."""
+    pool = type(getattr(sender, "pool", None)).__module__
+    settings = get_settings()
+    if pool == "celery.concurrency.thread":
+        log.warning(
+            "-P threads: TASK_SOFT_TIME_LIMIT (%ss) and TASK_TIME_LIMIT (%ss) are not enforced; every effect "
+            "needs timeouts of its own (docs/performance.md, pools for slow effects)",
+            settings.task_soft_time_limit, settings.task_time_limit,
+        )  # fmt: skip
+    elif pool in ("celery.concurrency.gevent", "celery.concurrency.eventlet"):
+        log.warning(
+            "-P %s: TASK_SOFT_TIME_LIMIT (%ss) is not enforced; TASK_TIME_LIMIT (%ss) interrupts a task "
+            "only at its next I/O wait (docs/performance.md, pools for slow effects)",
+            pool.rsplit(".", 1)[1], settings.task_soft_time_limit, settings.task_time_limit,
+        )  # fmt: skip

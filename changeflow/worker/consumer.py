@@ -91,8 +91,13 @@ class Consumer(CeleryConsumer):
                 task_name,
                 task_id,
             )
+            timer = getattr(self, "timer", None)
             if self.hub is not None:
                 self.hub.call_later(UNDECODABLE_REQUEUE_SECONDS, message.reject, True)
+            elif getattr(getattr(self, "pool", None), "is_green", False) and timer is not None:
+                # gevent/eventlet have no event loop hub: the pool's timer rejects it later, in a
+                # greenlet of this thread (the broker channel is not shared with another thread).
+                timer.call_after(UNDECODABLE_REQUEUE_SECONDS, message.reject, (True,))
             else:
                 message.reject(requeue=True)
             return

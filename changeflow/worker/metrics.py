@@ -25,7 +25,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
-from functools import cache
 from typing import Any
 
 from celery.signals import (
@@ -83,9 +82,23 @@ class TaskMetrics:
         )
 
 
-@cache
+_metrics: list[TaskMetrics] = []  # the process's metrics once made (empty: not yet)
+_metrics_lock = threading.Lock()
+
+
 def task_metrics() -> TaskMetrics:
-    return TaskMetrics()
+    """The process's metrics, made once: under `-P threads` many tasks reach this first at the same
+    time, and two sets of metric objects would each keep a share of the counts (multiprocess mode)."""
+    if not _metrics:
+        with _metrics_lock:
+            if not _metrics:
+                _metrics.append(TaskMetrics())
+    return _metrics[0]
+
+
+def _forget_task_metrics() -> None:
+    with _metrics_lock:
+        _metrics.clear()
 
 
 def outcome(task: str, what: str) -> None:
@@ -119,7 +132,7 @@ def prepare_multiprocess_dir(env: dict[str, str] | Any = os.environ) -> str:
     from prometheus_client import values
 
     values.ValueClass = values.get_value_class()
-    task_metrics.cache_clear()
+    _forget_task_metrics()
     return path
 
 

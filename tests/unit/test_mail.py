@@ -16,6 +16,7 @@ from tasks.email import (
     message_id,
     new_status,
     shipping_email,
+    smtp_session,
     valid_email,
     welcome_email,
     without_smtputf8,
@@ -239,3 +240,37 @@ def test_smtp_sink_without_smtputf8_refuses_utf8_addresses() -> None:
             with pytest.raises(smtplib.SMTPNotSupportedError):
                 smtp.send_message(message)
         assert sink.messages == []
+
+
+class _Interrupted(BaseException):
+    """What gevent's hard time limit raises inside a wait (a BaseException, like gevent.Timeout)."""
+
+
+@pytest.fixture
+def smtp_commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The commands smtplib sends through docmd (QUIT among them), in order."""
+    sent: list[str] = []
+    docmd = smtplib.SMTP.docmd
+
+    def recording(self: smtplib.SMTP, cmd: str, args: str = "") -> tuple[int, bytes]:
+        sent.append(cmd.lower())
+        return docmd(self, cmd, args)
+
+    monkeypatch.setattr(smtplib.SMTP, "docmd", recording)
+    return sent
+
+
+def test_a_conversation_broken_off_midway_is_closed_without_quit(smtp_commands: list[str]) -> None:
+    # A QUIT would read the pending reply of the command before it (250) and raise an
+    # SMTPResponseException in place of the interruption.
+    with SmtpSink() as sink, pytest.raises(_Interrupted), smtp_session(sink.host, sink.port) as smtp:
+        smtp.ehlo()
+        smtp.putcmd("noop")  # its reply is never read: the conversation is out of step
+        raise _Interrupted
+    assert smtp.sock is None and "quit" not in smtp_commands
+
+
+def test_a_conversation_that_went_through_ends_with_quit(smtp_commands: list[str]) -> None:
+    with SmtpSink() as sink, smtp_session(sink.host, sink.port) as smtp:
+        smtp.ehlo()
+    assert smtp.sock is None and smtp_commands == ["quit"]

@@ -86,19 +86,34 @@ def test_an_undecodable_message_becomes_a_dead_letter_then_is_acked(monkeypatch:
     assert message.acked and message.rejected == []
 
 
-@pytest.mark.parametrize("with_hub", [True, False])
+class FakeTimer:
+    """kombu's Timer.call_after, as the gevent pool's timer takes it: (seconds, function, args)."""
+
+    def __init__(self) -> None:
+        self.later: list[tuple[float, Any, tuple[Any, ...]]] = []
+
+    def call_after(self, delay: float, function: Any, args: tuple[Any, ...] = ()) -> None:
+        self.later.append((delay, function, args))
+
+
+@pytest.mark.parametrize("loop", ["hub", "green", "none"])
 def test_when_the_letter_cannot_be_stored_the_message_goes_back_to_the_queue(
-    monkeypatch: pytest.MonkeyPatch, with_hub: bool
+    monkeypatch: pytest.MonkeyPatch, loop: str
 ) -> None:
     def down() -> None:
         raise ConnectionError("MongoDB is down")
 
     monkeypatch.setattr(changeflow.worker.consumer, "get_db", down)
-    message, hub = FakeMessage(old_body()), FakeHub()
-    Consumer.on_decode_error(SimpleNamespace(hub=hub if with_hub else None), message, DecodeError("x"))  # type: ignore[arg-type]
+    message, hub, timer = FakeMessage(old_body()), FakeHub(), FakeTimer()
+    # hub: prefork/threads (an event loop); green: gevent (no hub, the pool's greenlet timer).
+    consumer = SimpleNamespace(
+        hub=hub if loop == "hub" else None, timer=timer, pool=SimpleNamespace(is_green=loop == "green")
+    )
+    Consumer.on_decode_error(consumer, message, DecodeError("x"))  # type: ignore[arg-type]
     assert not message.acked
-    if with_hub:  # later, so that a MongoDB outage is no busy loop
-        [(delay, function, args)] = hub.later
+    if loop != "none":  # later, so that a MongoDB outage is no busy loop
+        [(delay, function, args)] = hub.later if loop == "hub" else timer.later
         assert delay == UNDECODABLE_REQUEUE_SECONDS
+        assert message.rejected == []
         function(*args)
     assert message.rejected == [True]
