@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import latency, listener_throughput, memory, ordering_throughput, worker_throughput
+from bench import guard_overhead, latency, listener_throughput, memory, ordering_throughput, worker_throughput
 
 FULL: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
     "1": (listener_throughput.main, []),
@@ -23,6 +23,7 @@ FULL: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
     "3": (latency.main, []),
     "4": (memory.main, []),
     "5": (ordering_throughput.main, []),
+    "7": (guard_overhead.main, []),
 }
 QUICK: dict[str, list[str]] = {
     "1": ["--sizes", "200", "--naive-max", "100", "--repeat", "1", "--stream-sizes", "100"],
@@ -30,6 +31,7 @@ QUICK: dict[str, list[str]] = {
     "3": ["--rates", "20", "--seconds", "0.5", "--workers", "1"],
     "4": ["--sizes", "100,200"],
     "5": ["--tasks", "40"],
+    "7": ["--tasks", "20", "--repeat", "1"],
 }
 
 
