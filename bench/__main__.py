@@ -2,7 +2,8 @@
 
     python -m bench                 the full set (a few minutes)
     python -m bench --quick         tiny sizes: checks that every script runs (the smoke test uses it)
-    python -m bench --only 1,4      a subset (1 listener, 2 worker, 3 latency, 4 memory, 5 ordering)
+    python -m bench --only 1,4      a subset (1 listener, 2 worker, 3 latency, 4 memory, 5 ordering,
+                                    7 guard overhead)
 
 Every benchmark starts servers of its own (private redis-server, MongoDB test server, workers) and
 stops them; nothing touches the Redis on 127.0.0.1:6379. See docs/performance.md.
@@ -38,7 +39,7 @@ QUICK: dict[str, list[str]] = {
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the scripts run")
-    parser.add_argument("--only", default="1,2,3,4,5", help="which benchmarks, e.g. 1,4")
+    parser.add_argument("--only", default=",".join(FULL), help="which benchmarks, e.g. 1,4")
     args = parser.parse_args(argv)
     started = time.monotonic()
     for key in args.only.split(","):
