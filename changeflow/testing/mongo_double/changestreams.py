@@ -195,7 +195,6 @@ class ChangeStream:
     min_ts: Timestamp | None = None
     invalidated: bool = False
     split: bool = False  # the pipeline ends with $changeStreamSplitLargeEvent
-    expanded: bool = False  # showExpandedEvents
     # Resuming from a fragment token: (event sequence, fragment number) whose later fragments come first.
     resume_fragment: tuple[int, int] | None = None
     # Documents produced but not returned yet: a batch is full (count or bytes) in mid-event.
@@ -376,7 +375,7 @@ def open_stream(
             seq = log.last_seq
     return ChangeStream(
         cursor_id, db, coll, cluster, stages, full_document, before, seq, min_ts,
-        split=split, resume_fragment=resume_fragment, expanded=spec.get("showExpandedEvents") is True,
+        split=split, resume_fragment=resume_fragment,
         # Until a later document passes, the position is the fragment token resumed from.
         last_fragment=(pos.seq, pos.token()) if pos is not None and pos.fragment >= 0 else None,
     )  # fmt: skip
@@ -629,12 +628,6 @@ def build_event(event: Event, stream: ChangeStream, lookup: Lookup) -> dict[str,
         doc["documentKey"] = rec.document_key
     if rec.op == "update":
         doc["updateDescription"] = rec.update_description
-        if stream.expanded:
-            # mongod 7.0 reports disambiguatedPaths only with showExpandedEvents, then always (maybe {}).
-            doc["updateDescription"] = {
-                **(rec.update_description or {}),
-                "disambiguatedPaths": rec.disambiguated_paths or {},
-            }
         if stream.full_document == "updateLookup":
             doc["fullDocument"] = lookup(rec.db, rec.coll or "", rec.document_key or {})
         elif stream.full_document in ("whenAvailable", "required"):

@@ -510,12 +510,9 @@ def cmd_update(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Trans
 def _pin_upsert(stmt: dict[str, Any], update_key: str, query_key: str, new_id: Any) -> dict[str, Any]:
     """Make a replayed upsert insert the _id the client was already told about."""
     stmt = dict(stmt)
+    update_doc = dict(stmt.get(update_key) or {})
     if "_id" in (stmt.get(query_key) or {}):
         return stmt
-    if isinstance(stmt.get(update_key), list):  # a pipeline: a last stage sets the _id
-        stmt[update_key] = [*stmt[update_key], {"$set": {"_id": {"$literal": new_id}}}]
-        return stmt
-    update_doc = dict(stmt.get(update_key) or {})
     if any(k.startswith("$") for k in update_doc):
         update_doc["$setOnInsert"] = {**update_doc.get("$setOnInsert", {}), "_id": new_id}
     else:

@@ -21,8 +21,6 @@ import mongomock
 import pymongo.errors
 from bson import ObjectId
 
-from changeflow.testing.mongo_double import pipeline_updates
-from changeflow.testing.mongo_double import update_description as diffs
 from changeflow.testing.mongo_double.errors import (
     BSON_MAX_INTERNAL_SIZE,
     BSON_MAX_USER_SIZE,
@@ -45,8 +43,6 @@ class ChangeRecord:
     update_description: dict[str, Any] | None = None
     to: dict[str, str] | None = None
     images_enabled: bool = False  # the collection recorded pre/post-images when this write happened
-    # updateDescription.disambiguatedPaths, shown only to streams opened with showExpandedEvents.
-    disambiguated_paths: dict[str, list[str | int]] | None = None
 
 
 @dataclass
@@ -276,7 +272,6 @@ def insert(
             if "_id" not in doc:
                 # Servers put a generated _id first.
                 doc = {"_id": ObjectId(), **doc}
-            doc = id_first(doc)
             size = bson_size(doc)
             if size > BSON_MAX_USER_SIZE:
                 raise MongoError(
@@ -402,10 +397,8 @@ def update_statement(
     sort: list[tuple[str, int]] | None = None,
 ) -> tuple[int, int, Any, list[ChangeRecord]]:
     """One update statement; returns (matched, modified, upserted _id or None, records)."""
-    if pipeline_updates.is_pipeline(update_doc):
-        return _pipeline_statement(view, db, coll, query, update_doc, upsert=upsert, multi=multi, sort=sort)
     if not isinstance(update_doc, dict):
-        raise MongoError(9, "Update argument must be either an object or an array")
+        raise MongoError(115, "pipeline-style updates are not supported by the MongoDB test server")
     replacement = _is_replacement(update_doc)
     if replacement and multi:
         raise MongoError(9, "multi update is not supported for replacement-style update")
@@ -421,10 +414,6 @@ def update_statement(
             result = c.update_one(query, update_doc, upsert=True, array_filters=array_filters)
         new_id = result.upserted_id
         stored = by_id(c, new_id)
-        if stored is not None and next(iter(stored)) != "_id":
-            # mongomock puts the new _id after the query's fields; mongod stores _id first.
-            stored = id_first(stored)
-            c.replace_one({"_id": new_id}, stored)
         if stored is not None and bson_size(stored) > BSON_MAX_USER_SIZE:
             c.delete_one({"_id": new_id})  # under the storage lock: nobody saw it
             raise MongoError(17420, f"Document to upsert is larger than {BSON_MAX_USER_SIZE}")
@@ -505,73 +494,10 @@ def _update_one_document(
         records.append(ChangeRecord("replace", db, coll, key, after, before, images_enabled=images))
     else:
         description = update_description_for(update_doc, before, after)
-        record = ChangeRecord("update", db, coll, key, after, before, description, images_enabled=images)
-        record.disambiguated_paths = diffs.disambiguate(description, before, after)
-        records.append(record)
+        records.append(
+            ChangeRecord("update", db, coll, key, after, before, description, images_enabled=images)
+        )
     return 1
-
-
-def id_first(doc: dict[str, Any]) -> dict[str, Any]:
-    """The document with `_id` as its first field, where mongod always stores it."""
-    if "_id" not in doc or next(iter(doc)) == "_id":
-        return doc
-    return {"_id": doc["_id"], **doc}
-
-
-def _pipeline_statement(
-    view: View,
-    db: str,
-    coll: str,
-    query: dict[str, Any],
-    pipeline: list[Any],
-    *,
-    upsert: bool,
-    multi: bool,
-    sort: list[tuple[str, int]] | None,
-) -> tuple[int, int, Any, list[ChangeRecord]]:
-    """A pipeline-style update statement, as update_statement returns it. Its event carries mongod's
-    diff of the two versions, or is a `replace` when mongod would log the whole document."""
-    stages = pipeline_updates.validate(pipeline)
-    c = view.collection(db, coll)
-    images = view.images_enabled(db, coll)
-    befores = list(c.find(query, sort=sort, limit=0 if multi else 1))
-    if not befores:
-        if not upsert:
-            return 0, 0, None, []
-        doc = pipeline_updates.apply(stages, pipeline_updates.upsert_seed(query))
-        doc = id_first(doc) if "_id" in doc else {"_id": ObjectId(), **doc}
-        if bson_size(doc) > BSON_MAX_USER_SIZE:
-            raise MongoError(17420, f"Document to upsert is larger than {BSON_MAX_USER_SIZE}")
-        c.insert_one(doc)
-        stored = by_id(c, doc["_id"])
-        record = ChangeRecord("insert", db, coll, {"_id": doc["_id"]}, stored, images_enabled=images)
-        return 0, 0, doc["_id"], [record]
-    records: list[ChangeRecord] = []
-    modified = 0
-    try:
-        for before in befores:
-            result = pipeline_updates.apply(stages, before)
-            if diffs.binary_equal(result, before):
-                continue  # a no-op write: no oplog entry, no event
-            c.replace_one({"_id": before["_id"]}, id_first(result))
-            after = by_id(c, before["_id"])
-            assert after is not None
-            _refuse_oversized(c, before, after)
-            key = {"_id": before["_id"]}
-            diff = diffs.oplog_diff(before, result)
-            if diff is None:
-                records.append(ChangeRecord("replace", db, coll, key, after, before, images_enabled=images))
-            else:
-                description, paths = diffs.describe(diff)
-                record = ChangeRecord(
-                    "update", db, coll, key, after, before, description, images_enabled=images
-                )
-                record.disambiguated_paths = paths
-                records.append(record)
-            modified += 1
-    except Exception as exc:
-        raise PartialWrite(exc, modified, records) from exc
-    return len(befores), modified, None, records
 
 
 def bson_size(doc: dict[str, Any]) -> int:
