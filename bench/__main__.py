@@ -18,6 +18,7 @@ from typing import Any
 
 from bench import (
     batch_latency,
+    guard_overhead,
     latency,
     listener_throughput,
     memory,
@@ -34,6 +35,7 @@ FULL: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
     "4": (memory.main, []),
     "5": (ordering_throughput.main, []),
     "6": (pools.main, []),
+    "7": (guard_overhead.main, []),
     "8": (batch_latency.main, []),
     "9": (mongo_double_growth.main, []),
 }
@@ -44,6 +46,7 @@ QUICK: dict[str, list[str]] = {
     "4": ["--sizes", "100,200"],
     "5": ["--tasks", "40"],
     "6": ["--pools", "threads:10", "--emails", "10", "--no-baseline"],
+    "7": ["--tasks", "20", "--repeat", "1"],
     "8": ["--rates", "20", "--seconds", "0.5", "--workers", "1", "--modes", "on"],
     "9": ["--sizes", "50,200", "--ops", "30", "--rounds", "1"],
 }

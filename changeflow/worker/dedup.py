@@ -15,6 +15,8 @@ import os
 import threading
 
 import redis
+from redis.commands.core import Script
+from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 
 from changeflow.worker.settings import Settings, get_settings
 
@@ -27,6 +29,8 @@ LEASE_MARGIN_SECONDS = 30
 _CLAIM = """
 if redis.call('exists', KEYS[1]) == 1 then return 0 end
 if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+-- Our own lease: this claim was sent again after its reply was lost (a timeout, a reconnect).
+if redis.call('get', KEYS[2]) == ARGV[1] then return 1 end
 return 2
 """
 _RELEASE = """
@@ -59,6 +63,8 @@ class DedupStore:
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
         self._mark_done = client.register_script(_MARK_DONE)
+        # Each thread's own connection for the per-task scripts (_script): no pool lock per call.
+        self._local = threading.local()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DedupStore:
@@ -86,7 +92,9 @@ class DedupStore:
 
     def claim(self, key: str, owner: str) -> Claim:
         """Unless the key is done, take its lease for `owner` (SET NX PX); one atomic round trip."""
-        found = self._claim(keys=[self.done_key(key), self.lease_key(key)], args=[owner, self.lease_ttl_ms])
+        found = self._script(
+            self._claim, [self.done_key(key), self.lease_key(key)], [owner, self.lease_ttl_ms]
+        )
         return Claim(int(found))
 
     def lease_owner(self, key: str) -> str | None:
@@ -100,13 +108,41 @@ class DedupStore:
 
     def release_lease(self, key: str, owner: str) -> bool:
         """Drop the lease if `owner` still holds it; True when it did."""
-        return bool(self._release(keys=[self.lease_key(key)], args=[owner]))
+        return bool(self._script(self._release, [self.lease_key(key)], [owner]))
 
     def mark_done(self, key: str, owner: str, outcome: str = "ok") -> None:
         """Record the key as done (for DEDUP_TTL_SECONDS) and release `owner`'s lease."""
-        self._mark_done(
-            keys=[self.done_key(key), self.lease_key(key)], args=[owner, outcome, self.done_ttl_seconds]
+        self._script(
+            self._mark_done,
+            [self.done_key(key), self.lease_key(key)],
+            [owner, outcome, self.done_ttl_seconds],
         )
+
+    def _script(self, script: Script, keys: list[str], args: list[object]) -> object:
+        """One EVALSHA on this thread's connection: the guard's per-task round trips, without redis-py's
+        per-command work (pool lock, retry wrapper, observability hooks).
+
+        A connection error or timeout (redis-py has dropped the connection then), or a server that lost
+        the script (a restart, SCRIPT FLUSH), goes through redis-py's full path instead: its retries,
+        and loading the script. Every script here may run twice with the same arguments (idempotent).
+        """
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.client.connection_pool.get_connection()
+        try:
+            conn.send_packed_command([_evalsha(script.sha, keys, args)])
+            return conn.read_response()
+        except (ConnectionError, TimeoutError, NoScriptError):
+            pass
+        return script(keys=keys, args=args)
+
+
+def _evalsha(sha: str, keys: list[str], args: list[object]) -> bytes:
+    """EVALSHA sha numkeys keys... args... in RESP: the bytes redis-py's packer makes (str as UTF-8,
+    int as its digits), in one step instead of its generic one."""
+    values = [b"EVALSHA", sha.encode(), str(len(keys)).encode()]
+    values += [v.encode() if isinstance(v, str) else str(v).encode() for v in (*keys, *args)]
+    return b"".join([b"*%d\r\n" % len(values), *[b"$%d\r\n%s\r\n" % (len(v), v) for v in values]])
 
 
 _store: DedupStore | None = None

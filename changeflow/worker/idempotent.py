@@ -42,6 +42,7 @@ The time of the first attempt travels with the retries in the message header `ch
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -284,7 +285,7 @@ class IdempotentTask(Task):
         order = request_order(self.request)
         if order is not None and self._parked(order, key, args, kwargs):
             return None
-        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        owner = lease_owner()
         claim = store.claim(key, owner)
         if claim is Claim.DONE:
             log.info("duplicate %s %s", self.name, key)
@@ -549,6 +550,19 @@ def park_message(task_name: str, task_id: str, args: Any, kwargs: Any, order: Or
 def unpark_message(data: bytes) -> dict[str, Any]:
     message: dict[str, Any] = loads(data, "application/json", "utf-8")
     return message
+
+
+_owner_prefix: tuple[int, str] = (0, "")  # (pid, "host:pid:random"): made once per process
+_owner_count = itertools.count()
+
+
+def lease_owner() -> str:
+    """A token naming one delivery: host, process, a random part made once per process, a counter."""
+    global _owner_prefix
+    if _owner_prefix[0] != os.getpid():  # the first use, or a forked child: a prefix of its own
+        pid = os.getpid()
+        _owner_prefix = (pid, f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex}")
+    return f"{_owner_prefix[1]}:{next(_owner_count)}"
 
 
 def current_key() -> str:

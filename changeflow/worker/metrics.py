@@ -80,6 +80,23 @@ class TaskMetrics:
             ["task", "reason"],
             registry=None,
         )
+        # Children by labels, looked up once: labels() takes a lock and builds its key every call.
+        self._outcome_children: dict[tuple[str, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
+
+    def count_outcome(self, task: str, what: str) -> None:
+        child = self._outcome_children.get((task, what))
+        if child is None:
+            if what not in OUTCOMES:
+                raise ValueError(f"unknown task outcome {what!r}")
+            child = self._outcome_children[(task, what)] = self.outcomes.labels(task, what)
+        child.inc()
+
+    def observe_duration(self, task: str, seconds: float) -> None:
+        child = self._duration_children.get(task)
+        if child is None:
+            child = self._duration_children[task] = self.duration.labels(task)
+        child.observe(seconds)
 
 
 _metrics: list[TaskMetrics] = []  # the process's metrics once made (empty: not yet)
@@ -103,9 +120,7 @@ def _forget_task_metrics() -> None:
 
 def outcome(task: str, what: str) -> None:
     """Count one delivery of `task` ending as `what` (one of OUTCOMES)."""
-    if what not in OUTCOMES:
-        raise ValueError(f"unknown task outcome {what!r}")
-    task_metrics().outcomes.labels(task, what).inc()
+    task_metrics().count_outcome(task, what)
 
 
 def dead_letter_stored(task: str, reason: str) -> None:
@@ -205,7 +220,7 @@ def _on_task_start(task_id: str | None = None, **_: object) -> None:
 def _on_task_end(task_id: str | None = None, task: Any = None, **_: object) -> None:
     started = _started.pop((str(task_id), threading.get_ident()), None)
     if started is not None and task is not None:
-        task_metrics().duration.labels(task.name).observe(time.perf_counter() - started)
+        task_metrics().observe_duration(task.name, time.perf_counter() - started)
 
 
 @task_retry.connect

@@ -78,3 +78,41 @@ def test_keys_are_prefixed(store: DedupStore, client: redis.Redis) -> None:
     assert store.claim("k1", "a") is Claim.ACQUIRED
     store.mark_done("k2", "a")
     assert sorted(client.keys("*")) == [b"changeflow:done:k2", b"changeflow:lease:k1"]
+
+
+def test_a_claim_sent_again_by_its_owner_finds_its_lease(store: DedupStore) -> None:
+    # A claim whose reply was lost (a timeout) is sent again: it must not find its own lease busy.
+    assert store.claim("k", "a") is Claim.ACQUIRED
+    assert store.claim("k", "a") is Claim.ACQUIRED
+    assert store.claim("k", "b") is Claim.BUSY
+    assert store.lease_owner("k") == "a"
+
+
+def test_scripts_survive_a_script_flush_and_a_dropped_connection(
+    store: DedupStore, client: redis.Redis
+) -> None:
+    assert store.claim("k1", "a") is Claim.ACQUIRED
+    client.script_flush()  # as after a Redis restart: the server no longer knows the scripts
+    store.mark_done("k1", "a")
+    assert store.outcome("k1") == "ok"
+    # The server closes every other client's connection (as a restart or a proxy would).
+    own = client.client_id()
+    for info in client.client_list():
+        if int(info["id"]) != own:
+            client.client_kill_filter(_id=int(info["id"]))
+    assert store.claim("k2", "a") is Claim.ACQUIRED
+    assert store.release_lease("k2", "a")
+    assert store.claim("k1", "b") is Claim.DONE
+
+
+def test_scripts_are_packed_as_redis_py_packs_them(client: redis.Redis) -> None:
+    from changeflow.worker.dedup import _evalsha
+
+    connection = client.connection_pool.make_connection()
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    for keys, args in [
+        (["changeflow:done:k", "changeflow:lease:k"], ["host:1:ab:7", 330_000]),
+        (["changeflow:lease:ü"], ["hôte:2:cd:0", "skipped", 86_400]),
+    ]:
+        expected = b"".join(connection.pack_command("EVALSHA", sha, len(keys), *keys, *args))
+        assert _evalsha(sha, keys, args) == expected
