@@ -63,8 +63,6 @@ class DedupStore:
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
         self._mark_done = client.register_script(_MARK_DONE)
-        # Each thread's own connection for the per-task scripts (_script): no pool lock per call.
-        self._local = threading.local()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DedupStore:
@@ -119,30 +117,25 @@ class DedupStore:
         )
 
     def _script(self, script: Script, keys: list[str], args: list[object]) -> object:
-        """One EVALSHA on this thread's connection: the guard's per-task round trips, without redis-py's
-        per-command work (pool lock, retry wrapper, observability hooks).
+        """One EVALSHA straight on a pooled connection: the guard's per-task round trips, without
+        redis-py's per-command wrapper (retry policy, observability hooks, response callbacks).
 
         A connection error or timeout (redis-py has dropped the connection then), or a server that lost
         the script (a restart, SCRIPT FLUSH), goes through redis-py's full path instead: its retries,
         and loading the script. Every script here may run twice with the same arguments (idempotent).
+        The connection goes back to the pool after each call: a gevent pool runs each task in a new
+        greenlet, so a connection kept per thread (greenlet) would never be returned.
         """
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self.client.connection_pool.get_connection()
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
         try:
-            conn.send_packed_command([_evalsha(script.sha, keys, args)])
+            conn.send_packed_command(conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args))
             return conn.read_response()
         except (ConnectionError, TimeoutError, NoScriptError):
             pass
+        finally:
+            pool.release(conn)
         return script(keys=keys, args=args)
-
-
-def _evalsha(sha: str, keys: list[str], args: list[object]) -> bytes:
-    """EVALSHA sha numkeys keys... args... in RESP: the bytes redis-py's packer makes (str as UTF-8,
-    int as its digits), in one step instead of its generic one."""
-    values = [b"EVALSHA", sha.encode(), str(len(keys)).encode()]
-    values += [v.encode() if isinstance(v, str) else str(v).encode() for v in (*keys, *args)]
-    return b"".join([b"*%d\r\n" % len(values), *[b"$%d\r\n%s\r\n" % (len(v), v) for v in values]])
 
 
 _store: DedupStore | None = None

@@ -103,16 +103,3 @@ def test_scripts_survive_a_script_flush_and_a_dropped_connection(
     assert store.claim("k2", "a") is Claim.ACQUIRED
     assert store.release_lease("k2", "a")
     assert store.claim("k1", "b") is Claim.DONE
-
-
-def test_scripts_are_packed_as_redis_py_packs_them(client: redis.Redis) -> None:
-    from changeflow.worker.dedup import _evalsha
-
-    connection = client.connection_pool.make_connection()
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    for keys, args in [
-        (["changeflow:done:k", "changeflow:lease:k"], ["host:1:ab:7", 330_000]),
-        (["changeflow:lease:ü"], ["hôte:2:cd:0", "skipped", 86_400]),
-    ]:
-        expected = b"".join(connection.pack_command("EVALSHA", sha, len(keys), *keys, *args))
-        assert _evalsha(sha, keys, args) == expected
