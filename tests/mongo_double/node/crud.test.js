@@ -2,7 +2,7 @@
 // CRUD as the Node.js driver sends it: documents built by the driver, _id order, cursors.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { ObjectId } = require('mongodb');
+const { ObjectId } = require('./lib/driver');
 const { setup } = require('./lib/helpers');
 
 // MongoDB documents that "the _id field is always the first field in the documents. If the server

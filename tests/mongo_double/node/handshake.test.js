@@ -3,8 +3,15 @@
 // connects directly, negotiates (no) compression, and sends its client metadata.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { MongoClient } = require('mongodb');
-const { uri, connect, setup, failPoint } = require('./lib/helpers');
+const { MongoClient } = require('./lib/driver');
+const { connect, setup, failPoint } = require('./lib/helpers');
+const line = require('./lib/line');
+
+test('the driver under test', (t) => {
+  const { version } = require(`${line.name}/package.json`);
+  t.diagnostic(`${line.name} ${version}`);
+  assert.equal(version.split('.')[0], line.major);
+});
 
 test('replica set discovery: the driver sees a primary', async (t) => {
   const { client } = await setup(t);

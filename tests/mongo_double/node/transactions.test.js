@@ -3,7 +3,7 @@
 // what a change stream sees of a committed transaction.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { MongoError } = require('mongodb');
+const { MongoError } = require('./lib/driver');
 const { setup, takeEvents, started, failPoint } = require('./lib/helpers');
 
 const AWAIT = { maxAwaitTimeMS: 200 };

@@ -3,7 +3,7 @@
 // tests/mongo_double/test_node_driver.py sets it to a fresh MongoDB test server, or passes on a real
 // MongoDB 7.0 replica set's URI), and every test works in a database of its own.
 const crypto = require('node:crypto');
-const { MongoClient, MongoServerError } = require('mongodb');
+const { MongoClient, MongoServerError } = require('./driver');
 
 const EVENT_TIMEOUT_MS = 10_000;
 
