@@ -1,6 +1,6 @@
 'use strict';
 // Handshake and topology: the Node.js driver discovers the server as the primary of a replica set,
-// connects directly, negotiates (no) compression, and sends its client metadata.
+// connects directly, negotiates zlib compression, and sends its client metadata.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const { MongoClient } = require('./lib/driver');
@@ -49,14 +49,16 @@ test('directConnection=true: a single server', async (t) => {
   assert.deepEqual(await coll.findOne({ _id: 'direct' }), { _id: 'direct' });
 });
 
-test('compressors offered but not accepted: the driver talks uncompressed', async (t) => {
+test('zlib compression: negotiated in the handshake, then requests and replies compressed', async (t) => {
   const { client, db } = await setup(t, { compressors: ['zlib'], monitorCommands: true });
   const replies = [];
   client.on('commandSucceeded', (e) => replies.push(e.commandName));
-  await db.collection('c').insertOne({ _id: 1, text: 'x'.repeat(10_000) });
+  const hello = await client.db('admin').command({ hello: 1, compression: ['snappy', 'zlib'] });
+  assert.ok(hello.compression.includes('zlib'), `hello.compression: ${hello.compression}`);
+  await db.collection('c').insertOne({ _id: 1, text: 'x'.repeat(100_000) });
   const doc = await db.collection('c').findOne({ _id: 1 });
-  assert.equal(doc.text.length, 10_000);
-  assert.deepEqual(replies, ['insert', 'find']);
+  assert.equal(doc.text.length, 100_000);
+  assert.deepEqual(replies, ['hello', 'insert', 'find']);
 });
 
 test('Stable API v1 (strict): the commands the driver sends are accepted', async (t) => {
