@@ -16,6 +16,8 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the TLS tests make a
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # promtool (Debian's prometheus package) checks the alert rules (deploy/prometheus, tests/unit/test_alert_rules.py).
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# Node.js 20+ and npm are optional: where they are installed, tests/mongo_double/test_node_driver.py
+# runs the Node.js driver conformance tests (its own `npm ci` on first use); elsewhere it skips, saying why.
 # Debian ships venv's ensurepip in a package of its own.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -34,6 +34,7 @@ from changeflow.testing.mongo_double.errors import (
 from changeflow.testing.mongo_double.failpoints import FailPoints
 from changeflow.testing.mongo_double.storage import ChangeRecord, Store
 from changeflow.testing.mongo_double.transactions import Transaction, Transactions
+from changeflow.testing.mongo_double.wire import COMPRESSORS
 
 Command = dict[str, Any]  # a command document as received (first key: the command name)
 Reply = dict[str, Any]  # reply fields; dispatch() adds ok, operationTime and $clusterTime
@@ -277,6 +278,9 @@ def cmd_hello(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Transa
         reply["ismaster"] = True
     if cmd.get("helloOk"):
         reply["helloOk"] = True
+    offered = cmd.get("compression")
+    if isinstance(offered, list):  # mongod answers the compressors it shares with the client
+        reply["compression"] = [name for name in offered if name in COMPRESSORS]
     reply.update(
         {
             "hosts": [ctx.host_port],

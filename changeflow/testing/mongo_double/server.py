@@ -80,7 +80,7 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             if request.op_code == wire.OP_QUERY:
                 return wire.encode_op_reply(request.request_id, request_id, reply)
-            return wire.encode_op_msg(request.request_id, request_id, reply)
+            return wire.encode_op_msg(request.request_id, request_id, reply, request.compressor)
         except Exception as exc:  # e.g. a reply document over the BSON size limit
             log.exception("cannot encode the reply to %s", name)
             error = MongoError(10334, f"cannot encode reply: {exc}").to_doc()

@@ -736,4 +736,6 @@ def iter_find(c: mongomock.Collection, cmd: dict[str, Any]) -> Iterator[dict[str
         skip=int(cmd.get("skip") or 0),
         limit=limit,
     )
-    return iter(list(cursor))
+    # mongomock's Cursor re-slices its whole result list on every __next__, so iterating it is
+    # quadratic in the result's size (minutes for a count over 100k documents); take the list once.
+    return iter(cursor._compute_results(with_limit_and_skip=True))

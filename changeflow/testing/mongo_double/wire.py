@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,13 @@ from bson.codec_options import CodecOptions
 OP_REPLY = 1
 OP_QUERY = 2004
 OP_MSG = 2013
+OP_COMPRESSED = 2012
+
+# Compressors this server accepts (OP_COMPRESSED ids), in the names drivers negotiate in hello.
+# snappy (1) and zstd (3) need libraries the server does not depend on; a driver offering them too
+# falls back to zlib, or to no compression.
+ZLIB = 2
+COMPRESSORS = {"zlib": ZLIB}
 
 MORE_TO_COME = 1 << 1
 CHECKSUM_PRESENT = 1 << 0
@@ -43,6 +51,8 @@ class Request:
     more_to_come: bool = False
     # OP_QUERY only: the namespace it addressed (e.g. "admin.$cmd").
     legacy_ns: str | None = None
+    # The compressor id of an OP_COMPRESSED request; the reply is compressed with it too, as mongod does.
+    compressor: int | None = None
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -62,11 +72,41 @@ def read_request(sock: socket.socket) -> Request:
     if length < 16 or length > MAX_MESSAGE_SIZE:
         raise MalformedMessage(f"invalid message length {length}")
     body = _recv_exact(sock, length - 16)
+    compressor = None
+    if op_code == OP_COMPRESSED:
+        op_code, body, compressor = _decompress(body)
+        if op_code == OP_COMPRESSED:
+            raise MalformedMessage("OP_COMPRESSED inside OP_COMPRESSED")
+    request = _parse(request_id, op_code, body)
+    request.compressor = compressor
+    return request
+
+
+def _parse(request_id: int, op_code: int, body: bytes) -> Request:
     if op_code == OP_MSG:
         return _parse_op_msg(request_id, body)
     if op_code == OP_QUERY:
         return _parse_op_query(request_id, body)
     raise MalformedMessage(f"unsupported opCode {op_code}")
+
+
+def _decompress(body: bytes) -> tuple[int, bytes, int]:
+    """An OP_COMPRESSED body: (originalOpcode, the original message's body, compressorId)."""
+    if len(body) < 9:
+        raise MalformedMessage("OP_COMPRESSED too short")
+    original, size, compressor = struct.unpack_from("<iiB", body, 0)
+    if compressor != ZLIB:
+        raise MalformedMessage(f"unsupported compressor id {compressor} (this server negotiates zlib only)")
+    if size < 0 or size > MAX_MESSAGE_SIZE:
+        raise MalformedMessage(f"invalid uncompressedSize {size}")
+    try:
+        inflater = zlib.decompressobj()
+        data = inflater.decompress(body[9:], size + 1)
+    except zlib.error as exc:
+        raise MalformedMessage(f"invalid zlib data: {exc}") from exc
+    if len(data) != size or not inflater.eof:
+        raise MalformedMessage(f"OP_COMPRESSED: {len(data)} bytes uncompressed, uncompressedSize says {size}")
+    return original, data, compressor
 
 
 def _decode_doc(data: bytes, offset: int) -> tuple[dict[str, Any], int]:
@@ -157,9 +197,14 @@ def _parse_op_query(request_id: int, body: bytes) -> Request:
     return Request(request_id, OP_QUERY, query, legacy_ns=ns)
 
 
-def encode_op_msg(response_to: int, request_id: int, doc: dict[str, Any]) -> bytes:
+def encode_op_msg(
+    response_to: int, request_id: int, doc: dict[str, Any], compressor: int | None = None
+) -> bytes:
     payload = b"\x00" + bson.encode(doc, codec_options=CODEC)
     body = struct.pack("<I", 0) + payload
+    if compressor == ZLIB:
+        packed = struct.pack("<iiB", OP_MSG, len(body), ZLIB) + zlib.compress(body)
+        return _HEADER.pack(16 + len(packed), request_id, response_to, OP_COMPRESSED) + packed
     return _HEADER.pack(16 + len(body), request_id, response_to, OP_MSG) + body
 
 

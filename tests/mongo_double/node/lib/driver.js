@@ -1,0 +1,3 @@
+'use strict';
+// The Node.js driver module under test (see line.js).
+module.exports = require(require('./line').name);
