@@ -247,7 +247,10 @@ class IndexedDatabaseStore(mongomock.store.DatabaseStore):
             return col
 
     def rename(self, name: str, new_name: str) -> None:
-        col = self._collections.pop(name, None) or IndexedCollectionStore(new_name)
+        # Not `pop(...) or ...`: an empty collection store is falsy (it has a length).
+        col = self._collections.pop(name, None)
+        if col is None:
+            col = IndexedCollectionStore(new_name)
         col.name = new_name
         self._collections[new_name] = col
 
