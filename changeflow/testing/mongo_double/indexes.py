@@ -12,16 +12,22 @@ so the server's throughput fell as collections grew. Here each collection of the
 
 A filter that pins one of those paths to simple values (`{f: v}`, `{f: {$eq: v}}`, `{f: {$in: [...]}}`,
 also inside a top-level `$and`; values: strings, numbers, booleans, ObjectIds) reads only the documents
-under those values, in natural order, and still tests each with mongomock's own filter, so answers,
-order and errors are those of a scan. Documents whose value at the path cannot be keyed (an array
-along the path, a date, a Decimal128, ...) are tested for every such filter. Any other filter scans,
-as before. mongomock's unique-index check queries `{key: value}` per unique index, so it uses the
-same lookups.
+under those values, in natural order, and still tests each with the server's filter (mongomock's, with
+numbers compared by value: numeric.py), so answers, order and errors are those of a scan. Numbers are
+filed by value (int, long, double and Decimal128 alike), so a lookup by 10 finds Decimal128("10.0").
+Documents whose value at the path cannot be keyed (an array along the path, a date, a NaN, ...) are
+tested for every such filter. Any other filter scans, as before. mongomock's unique-index check
+queries `{key: value}` per unique index, so it uses the same lookups.
+
+The same patched iteration matches every find, count, distinct, update, delete and findAndModify of
+the shared store and of transactions' private copies by numbers' values; sorts order keys as mongod
+does (`_get_dataset`), and `aggregate` runs its `$match` stages through the same matcher (a leading
+one as the find that reads the collection, so it uses the indexes).
 
 mongomock changes stored documents in place on update and then calls `_ensure_uniques`; that hook
-re-indexes the document. `install()` routes mongomock's `_iter_documents` and `_ensure_uniques` here
-for collections whose store is an `IndexedCollectionStore`; every other mongomock collection (a
-transaction's private copy, other users of mongomock in the process) behaves exactly as before.
+re-indexes the document. `install()` routes mongomock's `_iter_documents`, `_ensure_uniques`,
+`_get_dataset` and `aggregate` here for collections whose store is an `IndexedCollectionStore`; every
+other mongomock collection (other users of mongomock in the process) behaves exactly as before.
 """
 
 from __future__ import annotations
