@@ -1,7 +1,8 @@
-"""The test server's indexes answer exactly as mongomock's scan does (same documents, same order, same
+"""The test server's indexes answer exactly as a scan does (same documents, same order, same
 errors), and equality lookups on `_id` and indexed fields test only the documents that can match.
 
-In-process: the same operations run on a plain mongomock collection and on an indexed one.
+In-process: the same operations run on a collection that scans for every query (the server's matcher,
+numbers of every type compared by value, without the index lookups) and on an indexed one.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import mongomock.collection
 import mongomock.results
 import pymongo.errors
 import pytest
-from bson import Decimal128, ObjectId
+from bson import Decimal128, Int64, ObjectId
 from mongomock import filtering
 
-from changeflow.testing.mongo_double import indexes
+from changeflow.testing.mongo_double import indexes, numeric
 
 VALUES: list[Any] = [
     1, 2, 1.0, 2.5, True, False, 0, "a", "b", "", None,
     [1, 2], [2, "a"], [], [[1]], [{"b": 1}], {"b": 1}, {"b": [1, 2]}, {"c": 1},
     Decimal128("1"), datetime.datetime(2026, 1, 1), ObjectId("000000000000000000000001"),
+    Decimal128("2.50"), Decimal128("-0"), [Decimal128("2"), 3], {"b": Decimal128("1.0")}, Int64(2),
 ]  # fmt: skip
 FILTERS: list[dict[str, Any]] = [
     {"a": 1}, {"a": 1.0}, {"a": True}, {"a": "a"}, {"a": {"$eq": 2}}, {"a": {"$in": [1, "b", 2.5]}},
@@ -31,12 +33,29 @@ FILTERS: list[dict[str, Any]] = [
     {"a.b": 1}, {"a.b": 2}, {"a.0": 1}, {"a": 1, "k": 3}, {"$and": [{"a": 2}, {"k": {"$lt": 5}}]},
     {"_id": 3}, {"_id": {"$in": [7, 3, 11, 200]}}, {"_id": 3.0}, {"_id": {"$eq": 5}, "a": 1},
     {"$and": [{"a": 1}, {"_id": 4}]}, {"$or": [{"a": 1}, {"_id": 4}]}, {"u": 5}, {"u": {"$in": [1, 2]}},
-    {"k": 4}, {},
+    {"k": 4}, {}, {"a": Decimal128("1")}, {"a": Decimal128("2.5")}, {"a": 0.0}, {"a": Int64(1)},
+    {"a": {"$in": [Decimal128("2"), 2.5]}}, {"a": {"$gte": Decimal128("1")}}, {"a.b": Decimal128("1.00")},
+    {"_id": Decimal128("3")}, {"_id": {"$in": [Decimal128("4"), 5.0]}}, {"u": Decimal128("5")},
 ]  # fmt: skip
 
 
+class _ScanningStore(indexes.IndexedCollectionStore):
+    """The reference: the server's matcher on every document, never an index lookup."""
+
+    def candidates(self, query: Any) -> list[Any] | None:
+        return None
+
+
+class _ScanningDatabase(indexes.IndexedDatabaseStore):
+    collection_class = _ScanningStore
+
+
+class _ScanningServer(indexes.IndexedServerStore):
+    database_class = _ScanningDatabase
+
+
 def _collections() -> tuple[mongomock.Collection, mongomock.Collection]:
-    plain = mongomock.MongoClient()["d"]["c"]
+    plain = mongomock.MongoClient(_store=_ScanningServer())["d"]["c"]
     indexed = indexes.indexed_client()["d"]["c"]
     for c in (plain, indexed):
         c.create_index("u", unique=True, sparse=True)
@@ -139,8 +158,7 @@ def test_equality_lookups_test_only_the_documents_that_can_match(monkeypatch: py
         tested.append(doc.get("_id"))
         return original(query, doc, *args)
 
-    monkeypatch.setattr(indexes, "filter_applies", counting)
-    monkeypatch.setattr(mongomock.collection, "filter_applies", counting)  # what a scan calls
+    monkeypatch.setattr(numeric, "filter_applies", counting)  # what lookups and scans call
     assert c.find_one({"_id": 1234})["email"] == "u1234"
     assert c.find_one({"email": "u17"})["_id"] == 17
     c.update_one({"_id": 5}, {"$set": {"email": "five"}})  # the unique check looks up "five" only

@@ -735,10 +735,11 @@ def cmd_distinct(ctx: Context, conn: Connection, cmd: Command, db: str, txn: Tra
     if resolved is not None:
         docs = _read_view(ctx, txn, db, coll, resolved, views.find_stages({"filter": cmd.get("query")}))
         return {"values": views.distinct_values(docs, key)}
-    values = _read(
-        ctx, txn, lambda view: view.collection(db, coll).distinct(key, cmd.get("query") or {}), f"{db}.{coll}"
+    # Not mongomock's distinct: it cannot hash a Decimal128 and keeps 10 and Decimal128("10") apart.
+    docs = _read(
+        ctx, txn, lambda view: list(view.collection(db, coll).find(cmd.get("query") or {})), f"{db}.{coll}"
     )
-    return {"values": values}
+    return {"values": views.distinct_values(docs, key)}
 
 
 @command("aggregate")

@@ -12,16 +12,22 @@ so the server's throughput fell as collections grew. Here each collection of the
 
 A filter that pins one of those paths to simple values (`{f: v}`, `{f: {$eq: v}}`, `{f: {$in: [...]}}`,
 also inside a top-level `$and`; values: strings, numbers, booleans, ObjectIds) reads only the documents
-under those values, in natural order, and still tests each with mongomock's own filter, so answers,
-order and errors are those of a scan. Documents whose value at the path cannot be keyed (an array
-along the path, a date, a Decimal128, ...) are tested for every such filter. Any other filter scans,
-as before. mongomock's unique-index check queries `{key: value}` per unique index, so it uses the
-same lookups.
+under those values, in natural order, and still tests each with the server's filter (mongomock's, with
+numbers compared by value: numeric.py), so answers, order and errors are those of a scan. Numbers are
+filed by value (int, long, double and Decimal128 alike), so a lookup by 10 finds Decimal128("10.0").
+Documents whose value at the path cannot be keyed (an array along the path, a date, a NaN, ...) are
+tested for every such filter. Any other filter scans, as before. mongomock's unique-index check
+queries `{key: value}` per unique index, so it uses the same lookups.
+
+The same patched iteration matches every find, count, distinct, update, delete and findAndModify of
+the shared store and of transactions' private copies by numbers' values; sorts order keys as mongod
+does (`_get_dataset`), and `aggregate` runs its `$match` stages through the same matcher (a leading
+one as the find that reads the collection, so it uses the indexes).
 
 mongomock changes stored documents in place on update and then calls `_ensure_uniques`; that hook
-re-indexes the document. `install()` routes mongomock's `_iter_documents` and `_ensure_uniques` here
-for collections whose store is an `IndexedCollectionStore`; every other mongomock collection (a
-transaction's private copy, other users of mongomock in the process) behaves exactly as before.
+re-indexes the document. `install()` routes mongomock's `_iter_documents`, `_ensure_uniques`,
+`_get_dataset` and `aggregate` here for collections whose store is an `IndexedCollectionStore`; every
+other mongomock collection (other users of mongomock in the process) behaves exactly as before.
 """
 
 from __future__ import annotations
@@ -31,19 +37,32 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import mongomock
+import mongomock.aggregate
 import mongomock.collection
+import mongomock.command_cursor
 import mongomock.store
-from bson import ObjectId
-from mongomock.filtering import filter_applies
-from mongomock.helpers import hashdict
+from bson import Decimal128, ObjectId
+from mongomock import filtering
+from mongomock.helpers import hashdict, patch_datetime_awareness_in_document
+
+from changeflow.testing.mongo_double import numeric
 
 # A document whose value at an indexed path cannot be keyed: tested for every lookup on that path.
 _ANY = None
-_SIMPLE = (str, int, float, ObjectId)  # int includes bool and Int64: equal values share a hash
+_SIMPLE = (str, int, float, ObjectId)  # int includes bool and Int64
+_NO_KEY = object()
 
 
-def _simple(value: Any) -> bool:
-    return isinstance(value, _SIMPLE) and not (isinstance(value, float) and math.isnan(value))
+def _key(value: Any) -> Any:
+    """The key a value is filed under, or _NO_KEY. Numbers are keyed by value (a Decimal128 as
+    decimal.Decimal): Python's equal numbers of any type are equal keys with one hash, as mongod's
+    numbers of any type are equal by value (numeric.py)."""
+    if isinstance(value, Decimal128):
+        number = value.to_decimal()
+        return _NO_KEY if number.is_nan() else number
+    if isinstance(value, _SIMPLE) and not (isinstance(value, float) and math.isnan(value)):
+        return value
+    return _NO_KEY
 
 
 def _doc_key(_id: Any) -> Any:
@@ -69,29 +88,34 @@ def document_values(doc: Any, parts: list[str]) -> set[Any] | None:
     if isinstance(value, list):
         found: set[Any] = set()
         for item in value:
-            if _simple(item):
-                found.add(item)
+            key = _key(item)
+            if key is not _NO_KEY:
+                found.add(key)
             elif not (item is None or isinstance(item, dict)):
                 return _ANY
         return found
-    if _simple(value):
-        return {value}
+    key = _key(value)
+    if key is not _NO_KEY:
+        return {key}
     if value is None or isinstance(value, dict):
         return set()
     return _ANY
 
 
 def query_values(condition: Any) -> list[Any] | None:
-    """The values an equality condition on one path accepts, or None if it is not such a condition."""
-    if _simple(condition):
-        return [condition]
+    """The keys of the values an equality condition on one path accepts, or None if it is not such a
+    condition."""
+    key = _key(condition)
+    if key is not _NO_KEY:
+        return [key]
     if not isinstance(condition, dict) or len(condition) != 1:
         return None
     op, arg = next(iter(condition.items()))
-    if op == "$eq" and _simple(arg):
-        return [arg]
-    if op == "$in" and isinstance(arg, list) and all(_simple(v) for v in arg):
-        return list(arg)
+    if op == "$eq" and (key := _key(arg)) is not _NO_KEY:
+        return [key]
+    if op == "$in" and isinstance(arg, list):
+        keys = [_key(v) for v in arg]
+        return None if _NO_KEY in keys else keys
     return None
 
 
@@ -239,11 +263,13 @@ class IndexedCollectionStore(mongomock.store.CollectionStore):
 
 
 class IndexedDatabaseStore(mongomock.store.DatabaseStore):
+    collection_class: type[IndexedCollectionStore] = IndexedCollectionStore
+
     def __getitem__(self, col_name: str) -> mongomock.store.CollectionStore:
         try:
             return self._collections[col_name]
         except KeyError:
-            col = self._collections[col_name] = IndexedCollectionStore(col_name)
+            col = self._collections[col_name] = self.collection_class(col_name)
             return col
 
     def rename(self, name: str, new_name: str) -> None:
@@ -256,11 +282,13 @@ class IndexedDatabaseStore(mongomock.store.DatabaseStore):
 
 
 class IndexedServerStore(mongomock.store.ServerStore):
+    database_class: type[IndexedDatabaseStore] = IndexedDatabaseStore
+
     def __getitem__(self, db_name: str) -> mongomock.store.DatabaseStore:
         try:
             return self._databases[db_name]
         except KeyError:
-            db = self._databases[db_name] = IndexedDatabaseStore()
+            db = self._databases[db_name] = self.database_class()
             return db
 
 
@@ -272,17 +300,49 @@ def indexed_client() -> mongomock.MongoClient:
 
 _original_iter_documents = mongomock.collection.Collection._iter_documents
 _original_ensure_uniques = mongomock.collection.Collection._ensure_uniques
+_original_get_dataset = mongomock.collection.Collection._get_dataset
+_original_aggregate = mongomock.collection.Collection.aggregate
 
 
 def _iter_documents(self: mongomock.Collection, filter: Any) -> Iterator[Any]:
     store = self._store
-    if isinstance(store, IndexedCollectionStore):
-        docs = store.candidates(filter)
-        if docs is not None:
-            if not docs:
-                filter_applies(filter, {})  # a bad filter fails as a scan would, matches or not
-            return (doc for doc in docs if filter_applies(filter, doc))
-    return _original_iter_documents(self, filter)
+    if not isinstance(store, IndexedCollectionStore):
+        return _original_iter_documents(self, filter)
+    spec = numeric.query(filter)  # numbers of every type compared by value, as mongod does
+    docs = store.candidates(filter)
+    if docs is None:
+        docs = list(store.documents)
+    if not docs:
+        numeric.matches(spec, {})  # a bad filter fails as a scan would, matches or not
+    return (doc for doc in docs if numeric.matches(spec, doc))
+
+
+def _sort_key(path: str) -> Any:
+    def key(doc: Any) -> tuple[int, numeric.SortKey]:
+        rank, value = filtering.resolve_sort_key(path, doc)
+        return rank, numeric.SortKey(value.obj)
+
+    return key
+
+
+def _get_dataset(
+    self: mongomock.Collection, spec: Any, sort: Any, fields: Any, as_class: Any
+) -> Iterator[Any]:
+    """mongomock's, with sort keys ordered as mongod orders them (numbers of every type by value)."""
+    if not isinstance(self._store, IndexedCollectionStore) or not sort:
+        yield from _original_get_dataset(self, spec, sort, fields, as_class)
+        return
+    dataset: Iterable[Any] = self._iter_documents(spec)
+    for path, direction in reversed(list(sort.items() if isinstance(sort, dict) else sort)):
+        if path == "$natural":
+            if direction < 0:
+                dataset = list(reversed(list(dataset)))
+            continue
+        if path.startswith("$"):
+            raise NotImplementedError(f"Sorting by {path} is not implemented in mongomock yet")
+        dataset = sorted(dataset, key=_sort_key(path), reverse=direction < 0)
+    for document in dataset:
+        yield self._copy_only_fields(document, fields, as_class)
 
 
 def _ensure_uniques(self: mongomock.Collection, new_data: Any) -> None:
@@ -292,7 +352,33 @@ def _ensure_uniques(self: mongomock.Collection, new_data: Any) -> None:
     _original_ensure_uniques(self, new_data)
 
 
+def _aggregate(self: mongomock.Collection, pipeline: Any, session: Any = None, **kwargs: Any) -> Any:
+    """mongomock's aggregate, with `$match` stages matched as find filters are (numbers of every type
+    by value); a leading `$match` is the find that reads the collection, so it uses the indexes."""
+    if not isinstance(self._store, IndexedCollectionStore) or not isinstance(pipeline, list):
+        return _original_aggregate(self, pipeline, session, **kwargs)
+    stages = list(pipeline)
+    first: Any = {}
+    if stages and isinstance(stages[0], dict) and list(stages[0]) == ["$match"]:
+        first = stages.pop(0)["$match"]
+    docs: list[Any] = list(self.find(first))
+    segment: list[Any] = []
+    for stage in [*stages, None]:
+        if stage is not None and not (isinstance(stage, dict) and list(stage) == ["$match"]):
+            segment.append(stage)
+            continue
+        if segment:
+            docs = list(mongomock.aggregate.process_pipeline(docs, self.database, segment, session))
+            segment = []
+        if stage is not None:
+            spec = numeric.query(patch_datetime_awareness_in_document(stage["$match"]))
+            docs = [doc for doc in docs if numeric.matches(spec, patch_datetime_awareness_in_document(doc))]
+    return mongomock.command_cursor.CommandCursor(docs)
+
+
 def install() -> None:
     """Route mongomock's document iteration and unique checks through the indexes (idempotent)."""
     mongomock.collection.Collection._iter_documents = _iter_documents  # type: ignore[method-assign]
     mongomock.collection.Collection._ensure_uniques = _ensure_uniques  # type: ignore[method-assign]
+    mongomock.collection.Collection._get_dataset = _get_dataset  # type: ignore[method-assign]
+    mongomock.collection.Collection.aggregate = _aggregate  # type: ignore[method-assign]

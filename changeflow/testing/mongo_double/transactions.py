@@ -22,7 +22,7 @@ import bson
 import mongomock
 import pymongo.errors
 
-from changeflow.testing.mongo_double import storage
+from changeflow.testing.mongo_double import indexes, storage
 from changeflow.testing.mongo_double.changestreams import EventLog
 from changeflow.testing.mongo_double.errors import DuplicateKey, MongoError
 from changeflow.testing.mongo_double.storage import ChangeRecord, Store
@@ -171,7 +171,8 @@ class TxnView:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.shadow = mongomock.MongoClient()
+        # Indexed like the shared store, so filters compare numbers as the shared collections do.
+        self.shadow = indexes.indexed_client()
         self.collections: dict[tuple[str, str], TxnCollection] = {}
 
     def collection(self, db: str, name: str) -> TxnCollection:

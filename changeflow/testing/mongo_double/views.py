@@ -15,7 +15,7 @@ from typing import Any
 import mongomock
 from bson import Int64
 
-from changeflow.testing.mongo_double import storage
+from changeflow.testing.mongo_double import numeric, storage
 from changeflow.testing.mongo_double.changestreams import KNOWN_STAGES, EventLog, translate_stages
 from changeflow.testing.mongo_double.errors import MongoError
 from changeflow.testing.mongo_double.storage import ChangeRecord, Store
@@ -197,8 +197,17 @@ def find_stages(cmd: dict[str, Any]) -> list[dict[str, Any]]:
     return stages
 
 
+def _distinct_marker(item: Any) -> tuple[str, Any]:
+    # Numbers of every type are one value when equal (mongod compares them by value).
+    number = numeric.number_key(item)
+    if number is not None:
+        return ("n", number)
+    return (type(item).__name__ if isinstance(item, bool | str) else "v", repr(item))
+
+
 def distinct_values(docs: list[dict[str, Any]], key: str) -> list[Any]:
-    """distinct over a view's documents: the values at `key`, arrays contributing their elements."""
+    """distinct over documents (a view's or a collection's): the values at `key`, arrays contributing
+    their elements, each value once in the order first met."""
     out: list[Any] = []
     seen: set[tuple[str, Any]] = set()
     for doc in docs:
@@ -211,9 +220,7 @@ def distinct_values(docs: list[dict[str, Any]], key: str) -> list[Any]:
             values = nxt
         for value in values:
             for item in value if isinstance(value, list) else [value]:
-                marker = (type(item).__name__ if isinstance(item, bool | str) else "n", repr(item))
-                if isinstance(item, int | float) and not isinstance(item, bool):
-                    marker = ("n", repr(float(item)))
+                marker = _distinct_marker(item)
                 if marker not in seen:
                     seen.add(marker)
                     out.append(item)
