@@ -54,6 +54,7 @@ import redis.exceptions
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 from celery.utils.time import utcoffset
+from kombu import Queue
 from kombu.entity import maybe_delivery_mode
 from kombu.serialization import dumps as kombu_dumps
 from redis.backoff import NoBackoff
@@ -478,8 +479,15 @@ class _Template:
             )  # fmt: skip
         finally:
             recorder.connection.release()
-        (_, options), *events = recorder.published
+        (body, options), *events = recorder.published
+        if not isinstance(body, tuple):
+            return None  # not task protocol 2
         extra = {key for key in options.keys() - cls.PUBLISH_OPTIONS if options[key] is not None}
+        # A queue declared with arguments (x-expires, max priority, a TTL) makes kombu's channel add
+        # commands (PEXPIRE) or pick another key.
+        declared = [q for q in options["declare"] or () if isinstance(q, Queue)]
+        if any(q.queue_arguments or q.expires or q.max_priority or q.message_ttl for q in declared):
+            return None
         shape = (options["exchange"], options["routing_key"], options["compression"], options["serializer"])
         if extra or shape != ("", layout.queue, None, app.conf.task_serializer):
             return None
