@@ -2,15 +2,18 @@
 
 `CeleryPublisher` pays, per message, for Celery's `saferepr` of the payload (the `argsrepr` header),
 kombu's entity declarations and copies, and one Redis round trip (two with task-sent events). This
-publisher builds the same Celery protocol-2 message with `app.amqp.as_task_v2` (the function `send_task`
-uses; once per task name, encoded as JSON with holes for the task id, argsrepr, body and delivery tag,
-and its task-sent event likewise), serializes the body as the app's task serializer does (kombu's
-registry, where worker/serialization.py registered the BSON types; through an equivalent one-walk
-encoder, checked byte for byte against it at first use), wraps it in the kombu Redis transport's envelope and
-sends the batch on one connection as `LPUSH` commands of LPUSH_CHUNK messages, each written as soon as
-it is built (Redis stores one chunk while the next is encoded), the replies read at the end: one wait
-per batch. Workers consume the messages unchanged: same task ids, headers (except `argsrepr`, see
-below), properties and body. The messages of one event share their payload, so its body is encoded once.
+publisher sends what `send_task` sends: once per task name it calls `app.send_task` itself with a
+producer that only records what it is asked to publish (`_Template`), and keeps that message (headers,
+properties, task-sent event, in Celery's order) as JSON with holes for the task id, argsrepr, body and
+delivery tag. Tasks whose publish options it does not reproduce (a priority, another queue or exchange,
+queue arguments, compression, protocol 1) go through send_task. The body is encoded by the app's task
+serializer (kombu's registry: changeflow's orjson encoder, worker/serialization.py, the workers' too),
+wrapped in the kombu Redis transport's envelope, and the batch goes out on one connection as `LPUSH`
+commands of LPUSH_CHUNK messages packed by hiredis, each written as soon as it is built (Redis stores
+one chunk while the next is encoded), the replies read at the end: one wait per batch. Workers consume
+the messages unchanged: the bytes are send_task's but for the delivery tag and `argsrepr` (see below;
+tests/integration/test_pipelined_publisher.py compares them for each setting that changes them). The
+messages of one event share their payload, so its body is encoded once.
 
 Differences from `send_task`, on purpose:
 - `argsrepr` (shown by Flower and in worker logs; never read to run the task) is a short summary of
@@ -545,18 +548,13 @@ class _Layout:
         queue: str,
         queue_key: str,
         event_topics: list[str],
-        sent_events: bool,
         origin: str,
-        reply_to: str,
     ) -> None:
         self.queue = queue
         self.routing_key = queue
         self.queue_key = queue_key
         self.event_topics = event_topics
-        self.sent_events = sent_events
         self.origin = origin
-        self.reply_to = reply_to
-        self.pid = os.getpid()
         self.content = ("application/json", "utf-8")  # (content type, encoding) of task bodies
         # The message of a batch's task-sent events, as Celery's dispatcher sends a buffered group.
         self.events_envelope = _JsonHoles.of(
@@ -608,9 +606,7 @@ class _Layout:
             queue=queue,
             queue_key=queue_key,
             event_topics=event_topics,
-            sent_events=bool(conf.task_send_sent_event),
             origin=anon_nodename(),
-            reply_to=app.thread_oid,
         )
         # The task serializer's content type and encoding, as send_task would label the body.
         content_type, content_encoding, _ = kombu_dumps(None, serializer=conf.task_serializer)

@@ -279,7 +279,7 @@ def _settings_app(redis_url: str, setting: str) -> Celery:
     app.conf.update(celery_config(Settings(celery_broker_url=redis_url)))
     task_options: dict[str, Any] = {"time_limit": 60, "soft_time_limit": 30}  # as the card's tasks have
     if setting == "task priority":
-        task_options["priority"] = 5  # send_task by name does not send it: reproduced as it is
+        task_options["priority"] = 5
     elif setting == "default priority":
         app.conf.task_default_priority = 5
     elif setting == "task ignore_result":
@@ -299,7 +299,8 @@ def _settings_app(redis_url: str, setting: str) -> Celery:
 
     def noop(event: dict[str, Any]) -> None: ...
 
-    app.task(name="bytes.task", **task_options)(noop)
+    app.task(name="bytes.task", shared=False, **task_options)(noop)
+    app.finalize()  # as a loaded app is: send_task then reads the task's options (time limits, priority)
     return app
 
 
