@@ -64,7 +64,6 @@ from redis.backoff import NoBackoff
 from redis.connection import AbstractConnection
 from redis.retry import Retry
 
-from changeflow import tracing
 from changeflow.listener.publish import (
     BROKER_ERRORS,
     ENCODE_ERRORS,
@@ -72,9 +71,9 @@ from changeflow.listener.publish import (
     CeleryPublisher,
     Message,
     Rejected,
+    send_headers,
     task_queue,
 )
-from changeflow.worker.ordering import Order, order_headers
 from changeflow.worker.redis_conn import target_of_app
 
 if TYPE_CHECKING:
@@ -148,10 +147,9 @@ class PipelinedPublisher:
         self._layout: _Layout | None = None
         self._encoding = "utf-8"  # of task bodies: the layout's, once it is read
         self._serializer = app.conf.task_serializer
-        self._templates: dict[str, _Template | None] = {}
-        self._ordered_templates: dict[str, _Template | None] = {}  # with the ordering headers' holes
-        # (task name, ordered) -> sent by this path (else by send_task); decided once.
-        self._fast: dict[tuple[str, bool], bool] = {}
+        # (task name, names of its extra headers) -> its template, None for send_task's path.
+        self._templates: dict[tuple[str, tuple[str, ...]], _Template | None] = {}
+        self._fast: dict[tuple[str, tuple[str, ...]], bool] = {}  # the same keys: sent by this path
         # Sentinel: a batch counts as published once a replica has it too (WAIT), so a failover
         # right after cannot lose it. Set with the client.
         self._wait_replicas = False
@@ -162,13 +160,11 @@ class PipelinedPublisher:
         # through Celery's send_task, which routes them (queue, exchange and routing key as Celery
         # declares them); the fast path covers the default queue.
         fast = self._fast
-        for name, ordered in {(m.task_name, m.order is not None) for m in messages} - fast.keys():
-            fast[name, ordered] = (
-                task_queue(self.app, name) is None and self._get_template(name, ordered=ordered) is not None
-            )
-        slow = [m for m in messages if not fast[m.task_name, m.order is not None]]
+        for kind in {_kind(m) for m in messages} - fast.keys():
+            fast[kind] = task_queue(self.app, kind[0]) is None and self._get_template(kind) is not None
+        slow = [m for m in messages if not fast[_kind(m)]]
         if slow:
-            default = [m for m in messages if fast[m.task_name, m.order is not None]]
+            default = [m for m in messages if fast[_kind(m)]]
             return self._publish_default(default) + CeleryPublisher(self.app).publish(slow)
         return self._publish_default(messages)
 
@@ -212,20 +208,16 @@ class PipelinedPublisher:
                 if message.payload is not shared:
                     body, argsrepr = self._body(message.payload), json_string(self._argsrepr(message.payload))
                     shared = message.payload
-                order = message.order
                 task_id = json_string(message.task_id)
-                if order is None:
-                    template = templates[message.task_name]
+                if message.order is None and not message.headers:
+                    template = templates[message.task_name, ()]
                     envelope = template.envelope.fill((task_id, argsrepr, body, json_string(delivery_tag())))
                 else:
-                    # An ordered task: its key and member in the headers, as send_task(headers=...) adds them.
-                    template = self._ordered_templates[message.task_name]
-                    envelope = template.envelope.fill(
-                        (task_id, argsrepr, body, json_string(delivery_tag()),
-                         json_string(order.key), json_string(order.member))
-                    )  # fmt: skip
-                if message.headers:  # trace context, only when tracing is on
-                    envelope = tracing.add_to_envelope(envelope, message.headers)
+                    # Ordering key and member, trace context: in the headers, as send_task(headers=...).
+                    headers = send_headers(message) or {}
+                    template = templates[message.task_name, tuple(headers)]
+                    texts = (task_id, argsrepr, body, json_string(delivery_tag()))
+                    envelope = template.envelope.fill(texts + tuple(json_string(v) for v in headers.values()))
                 event = None
                 if template.sent_event is not None:
                     # Clock and timestamp per message, as Celery's dispatcher gives each event its own
@@ -278,11 +270,10 @@ class PipelinedPublisher:
             )
         return summary_argsrepr(payload)
 
-    def _get_template(self, task_name: str, *, ordered: bool = False) -> _Template | None:
-        templates = self._ordered_templates if ordered else self._templates
-        if task_name not in templates:
-            templates[task_name] = _Template.of(self.app, self._get_layout(), task_name, ordered=ordered)
-        return templates[task_name]
+    def _get_template(self, kind: tuple[str, tuple[str, ...]]) -> _Template | None:
+        if kind not in self._templates:
+            self._templates[kind] = _Template.of(self.app, self._get_layout(), *kind)
+        return self._templates[kind]
 
     def _events_message(self, layout: _Layout, events: list[str]) -> str:
         """Many events in one message, as Celery's dispatcher sends a buffered group ("task.multi").
@@ -439,6 +430,13 @@ class _JsonHoles:
         return "".join(parts)
 
 
+def _kind(message: Message) -> tuple[str, tuple[str, ...]]:
+    """What selects a message's template: its task and the names of the headers send_task adds."""
+    if message.order is None and not message.headers:
+        return message.task_name, ()
+    return message.task_name, tuple(send_headers(message) or ())
+
+
 class _Template:
     """The messages of one task name as `send_task` makes them: its envelope and task-sent event.
 
@@ -454,7 +452,6 @@ class _Template:
     """
 
     ENVELOPE_HOLES = ("task_id", "argsrepr", "body", "delivery_tag")
-    ORDERED_HOLES = ("order_key", "order_member")  # after ENVELOPE_HOLES, for an ordered task
     EVENT_HOLES = ("task_id", "argsrepr", "utcoffset", "clock", "timestamp")
     # What the template reproduces of Producer.publish's arguments (the rest must be absent or None).
     PUBLISH_OPTIONS = frozenset(
@@ -467,13 +464,15 @@ class _Template:
         self.sent_event = sent_event
 
     @classmethod
-    def of(cls, app: Celery, layout: _Layout, task_name: str, *, ordered: bool = False) -> _Template | None:
+    def of(
+        cls, app: Celery, layout: _Layout, task_name: str, header_names: tuple[str, ...]
+    ) -> _Template | None:
         hole = _JsonHoles.hole
         holes = cls.ENVELOPE_HOLES
         headers = None
-        if ordered:
-            headers = order_headers(Order(hole("order_key"), hole("order_member")))
-            holes = holes + cls.ORDERED_HOLES
+        if header_names:  # after the envelope's own holes, in the order send_headers gives them
+            headers = {name: hole(f"header:{name}") for name in header_names}
+            holes = holes + tuple(f"header:{name}" for name in header_names)
         recorder = _Recorder(app)
         try:
             app.send_task(

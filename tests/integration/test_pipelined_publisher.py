@@ -310,6 +310,7 @@ REPRODUCED = {
     "task-sent events off",
     "transient delivery",
     "ordering headers",
+    "ordering and trace headers",
 }
 DELIVERY_TAG = re.compile(rb'"delivery_tag": "[^"]*"')
 
@@ -328,6 +329,7 @@ def _queued(client: redis.Redis) -> dict[bytes, list[bytes]]:
         "defaults", "task priority", "default priority", "task ignore_result", "queue x-expires",
         "queue max priority", "task protocol 1", "task-sent events off", "transient delivery", "compression",
         "ordering headers",
+        "ordering and trace headers",
     ],
 )  # fmt: skip
 def test_the_bytes_in_redis_are_send_tasks(
@@ -341,8 +343,12 @@ def test_the_bytes_in_redis_are_send_tasks(
     app = _settings_app(redis_server.url, setting)
     try:
         payload = task_payload_of(change_event())
-        order = Order("users:1", "m-1") if setting == "ordering headers" else None
-        message = Message("bytes.task", "id-1", payload, order, "documentKey._id" if order else None)
+        order = (
+            Order("users:1", "m-1") if setting in ("ordering headers", "ordering and trace headers") else None
+        )
+        trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+        headers = trace if setting == "ordering and trace headers" else None
+        message = Message("bytes.task", "id-1", payload, order, "documentKey._id" if order else None, headers)
         client.flushdb()
         assert CeleryPublisher(app).publish([message]) == []
         reference = _queued(client)
