@@ -482,8 +482,8 @@ class _Template:
         finally:
             recorder.connection.release()
         (body, options), *events = recorder.published
-        if not isinstance(body, tuple):
-            return None  # not task protocol 2
+        if not isinstance(body, tuple) or list(body[1:]) != [{}, _EMBED]:
+            return None  # not task protocol 2, or a body other than the one _body() encodes
         extra = {key for key in options.keys() - cls.PUBLISH_OPTIONS if options[key] is not None}
         # A queue declared with arguments (x-expires, max priority, a TTL) makes kombu's channel add
         # commands (PEXPIRE) or pick another key.
@@ -535,7 +535,6 @@ class _Recorder:
 _NOTHING = object()
 _NO_ARGS: list[Any] = []
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-_BODY = _JsonHoles.of(([_JsonHoles.hole("payload")], {}, _EMBED), ("payload",))
 
 
 class _Layout:
