@@ -2,15 +2,18 @@
 
 `CeleryPublisher` pays, per message, for Celery's `saferepr` of the payload (the `argsrepr` header),
 kombu's entity declarations and copies, and one Redis round trip (two with task-sent events). This
-publisher builds the same Celery protocol-2 message with `app.amqp.as_task_v2` (the function `send_task`
-uses; once per task name, encoded as JSON with holes for the task id, argsrepr, body and delivery tag,
-and its task-sent event likewise), serializes the body as the app's task serializer does (kombu's
-registry, where worker/serialization.py registered the BSON types; through an equivalent one-walk
-encoder, checked byte for byte against it at first use), wraps it in the kombu Redis transport's envelope and
-sends the batch on one connection as `LPUSH` commands of LPUSH_CHUNK messages, each written as soon as
-it is built (Redis stores one chunk while the next is encoded), the replies read at the end: one wait
-per batch. Workers consume the messages unchanged: same task ids, headers (except `argsrepr`, see
-below), properties and body. The messages of one event share their payload, so its body is encoded once.
+publisher sends what `send_task` sends: once per task name it calls `app.send_task` itself with a
+producer that only records what it is asked to publish (`_Template`), and keeps that message (headers,
+properties, task-sent event, in Celery's order) as JSON with holes for the task id, argsrepr, body and
+delivery tag. Tasks whose publish options it does not reproduce (a priority, another queue or exchange,
+queue arguments, compression, protocol 1) go through send_task. The body is encoded by the app's task
+serializer (kombu's registry: changeflow's orjson encoder, worker/serialization.py, the workers' too),
+wrapped in the kombu Redis transport's envelope, and the batch goes out on one connection as `LPUSH`
+commands of LPUSH_CHUNK messages packed by hiredis, each written as soon as it is built (Redis stores
+one chunk while the next is encoded), the replies read at the end: one wait per batch. Workers consume
+the messages unchanged: the bytes are send_task's but for the delivery tag and `argsrepr` (see below;
+tests/integration/test_pipelined_publisher.py compares them for each setting that changes them). The
+messages of one event share their payload, so its body is encoded once.
 
 Differences from `send_task`, on purpose:
 - `argsrepr` (shown by Flower and in worker logs; never read to run the task) is a short summary of
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import decimal
 import itertools
 import json
 import math
@@ -52,16 +54,17 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.exceptions
-from celery.events.event import Event
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 from celery.utils.time import utcoffset
+from kombu import Queue
+from kombu.entity import maybe_delivery_mode
 from kombu.serialization import dumps as kombu_dumps
+from kombu.serialization import registry
 from redis.backoff import NoBackoff
 from redis.connection import AbstractConnection
 from redis.retry import Retry
 
-from changeflow import tracing
 from changeflow.listener.publish import (
     BROKER_ERRORS,
     ENCODE_ERRORS,
@@ -69,22 +72,12 @@ from changeflow.listener.publish import (
     CeleryPublisher,
     Message,
     Rejected,
+    send_headers,
     task_queue,
 )
-from changeflow.worker.ordering import Order, order_headers
 from changeflow.worker.redis_conn import target_of_app
-from changeflow.worker.serialization import (
-    D128_COEFFICIENT,
-    D128_MAX_COEFFICIENT,
-    D128_OTHER_FORM,
-    D128_SPECIAL,
-    decimal128_has_text,
-)
 
 if TYPE_CHECKING:
-    from bson import Decimal128
-    from bson.code import Code
-    from bson.dbref import DBRef
     from celery import Celery
     from kombu.clocks import LamportClock
 
@@ -164,25 +157,30 @@ class PipelinedPublisher:
         self._client = client
         self._layout: _Layout | None = None
         self._encoding = "utf-8"  # of task bodies: the layout's, once it is read
-        self._fast_json: bool | None = None  # decided on first use (see fast_json_matches)
-        self._templates: dict[str, _Template] = {}
-        self._ordered_templates: dict[str, _Template] = {}  # with the ordering headers' holes
-        self._queues: dict[str, str | None] = {}  # task name -> its own queue (task_queue), read once
+        # The task serializer's encoder, from kombu's registry when the layout is read: what
+        # registry.dumps() calls, without its per-call lookup and error wrapping (a few microseconds
+        # an event; ENCODE_ERRORS covers what the encoder raises).
+        self._encode: Callable[[Any], str | bytes] = lambda value: b""
+        # (task name, names of its extra headers) -> its template, None for send_task's path.
+        self._templates: dict[tuple[str, tuple[str, ...]], _Template | None] = {}
+        self._fast: dict[tuple[str, tuple[str, ...]], bool] = {}  # the same keys: sent by this path
         # Sentinel: a batch counts as published once a replica has it too (WAIT), so a failover
         # right after cannot lose it. Set with the client.
         self._wait_replicas = False
 
     # -- the Publisher protocol ----------------------------------------------------------------
     def publish(self, messages: Sequence[Message]) -> list[Rejected]:
-        # Tasks with a queue of their own go through Celery's send_task, which routes them (queue,
-        # exchange and routing key as Celery declares them); the fast path covers the default queue.
-        queues = self._queues
-        for name in {m.task_name for m in messages} - queues.keys():
-            queues[name] = task_queue(self.app, name)
-        own_queue = [m for m in messages if queues[m.task_name] is not None]
-        if own_queue:
-            default = [m for m in messages if queues[m.task_name] is None]
-            return self._publish_default(default) + CeleryPublisher(self.app).publish(own_queue)
+        # Tasks with a queue of their own, or publish options the templates do not reproduce, go
+        # through Celery's send_task, which routes them (queue, exchange and routing key as Celery
+        # declares them); the fast path covers the default queue.
+        fast = self._fast
+        kinds = [_kind(m) for m in messages]
+        for kind in set(kinds) - fast.keys():
+            fast[kind] = task_queue(self.app, kind[0]) is None and self._get_template(kind) is not None
+        if not all(fast[kind] for kind in kinds):
+            slow = [m for m, kind in zip(messages, kinds, strict=True) if not fast[kind]]
+            default = [m for m, kind in zip(messages, kinds, strict=True) if fast[kind]]
+            return self._publish_default(default) + CeleryPublisher(self.app).publish(slow)
         return self._publish_default(messages)
 
     def _publish_default(self, messages: Sequence[Message]) -> list[Rejected]:
@@ -225,22 +223,16 @@ class PipelinedPublisher:
                 if message.payload is not shared:
                     body, argsrepr = self._body(message.payload), json_string(self._argsrepr(message.payload))
                     shared = message.payload
-                order = message.order
                 task_id = json_string(message.task_id)
-                if order is None:
-                    template = templates.get(message.task_name) or self._template(layout, message.task_name)
+                if message.order is None and not message.headers:
+                    template = templates[message.task_name, ()]
                     envelope = template.envelope.fill((task_id, argsrepr, body, json_string(delivery_tag())))
                 else:
-                    # An ordered task: its key and member in the headers, as send_task(headers=...) adds them.
-                    template = self._ordered_templates.get(message.task_name) or self._template(
-                        layout, message.task_name, ordered=True
-                    )
-                    envelope = template.envelope.fill(
-                        (task_id, argsrepr, body, json_string(delivery_tag()),
-                         json_string(order.key), json_string(order.member))
-                    )  # fmt: skip
-                if message.headers:  # trace context, only when tracing is on
-                    envelope = tracing.add_to_envelope(envelope, message.headers)
+                    # Ordering key and member, trace context: in the headers, as send_task(headers=...).
+                    headers = send_headers(message) or {}
+                    template = templates[message.task_name, tuple(headers)]
+                    texts = (task_id, argsrepr, body, json_string(delivery_tag()))
+                    envelope = template.envelope.fill(texts + tuple(json_string(v) for v in headers.values()))
                 event = None
                 if template.sent_event is not None:
                     # Clock and timestamp per message, as Celery's dispatcher gives each event its own
@@ -279,18 +271,9 @@ class PipelinedPublisher:
 
     # -- building ------------------------------------------------------------------------------
     def _body(self, payload: dict[str, Any]) -> str:
-        """The task body `(args, kwargs, embed)` as send_task encodes it, base64'd as the transport
-        does: the JSON string of the envelope's "body"."""
-        data: str | bytes | None = None
-        if self._fast_json is None:
-            self._fast_json = self.app.conf.task_serializer == "json" and fast_json_matches()
-        if self._fast_json:
-            try:
-                data = fast_body(payload)
-            except _NotPlain:
-                data = None  # a type the fast path does not know: the serializer decides (or refuses)
-        if data is None:
-            _, _, data = kombu_dumps(([payload], {}, _EMBED), serializer=self.app.conf.task_serializer)
+        """The task body `(args, kwargs, embed)` as send_task encodes it (the app's task serializer,
+        from kombu's registry), base64'd as the transport does: the JSON string of the envelope's "body"."""
+        data = self._encode(([payload], {}, _EMBED))
         raw = data.encode(self._encoding) if isinstance(data, str) else data
         # What base64.b64encode does, without its Python wrapper; base64 needs no JSON escaping.
         return '"' + binascii.b2a_base64(raw, newline=False).decode("ascii") + '"'
@@ -304,10 +287,10 @@ class PipelinedPublisher:
             )
         return summary_argsrepr(payload)
 
-    def _template(self, layout: _Layout, task_name: str, *, ordered: bool = False) -> _Template:
-        template = _Template.of(self.app, layout, task_name, ordered=ordered)
-        (self._ordered_templates if ordered else self._templates)[task_name] = template
-        return template
+    def _get_template(self, kind: tuple[str, tuple[str, ...]]) -> _Template | None:
+        if kind not in self._templates:
+            self._templates[kind] = _Template.of(self.app, self._get_layout(), *kind)
+        return self._templates[kind]
 
     def _events_message(self, layout: _Layout, events: list[str]) -> str:
         """Many events in one message, as Celery's dispatcher sends a buffered group ("task.multi").
@@ -342,6 +325,7 @@ class PipelinedPublisher:
     def _get_layout(self) -> _Layout:
         if self._layout is None:
             self._layout = _Layout.of(self.app)
+            self._encode = registry._encoders[self.app.conf.task_serializer].encoder
             self._encoding = self._layout.content[1]
         return self._layout
 
@@ -365,11 +349,10 @@ class _StreamedCommands:
         with _broker_errors():
             if self._connection is None:
                 self._connection = self._pool.get_connection()
-            packed = resp_command(args)
-            if packed is None:
-                self._connection.send_command(*args)  # redis-py's packer: any text
+            if _pack_command is None:
+                self._connection.send_command(*args)  # redis-py's packer
             else:
-                self._connection.send_packed_command([packed])
+                self._connection.send_packed_command([_pack_command(args)])
         self._sent += 1
 
     def finish(self) -> object:
@@ -392,22 +375,20 @@ class _StreamedCommands:
             self._connection = None
 
 
+# hiredis's packer, called directly: redis-py's (even with hiredis) first encodes each argument in Python,
+# which costs several times more per message than the packing itself.
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # redis-py's packer then, slower
+    _pack_command = None
+
+
 @contextmanager
 def _broker_errors() -> Iterator[None]:
     try:
         yield
     except (redis.exceptions.RedisError, OSError) as exc:
         raise BrokerUnavailable(f"broker unavailable: {exc}") from exc
-
-
-def resp_command(args: Sequence[str]) -> bytes | None:
-    """`args` as one Redis command in RESP, the bytes redis-py's packer makes; None unless all ASCII.
-
-    Messages are ASCII (JSON with ensure_ascii, base64), so a string's length is its length in bytes,
-    and one f-string per value and one encode per command cost a third of redis-py's packing.
-    """
-    text = "".join([f"*{len(args)}\r\n", *[f"${len(arg)}\r\n{arg}\r\n" for arg in args]])
-    return text.encode("ascii") if text.isascii() else None
 
 
 # -- JSON with holes --------------------------------------------------------------------------------
@@ -467,45 +448,76 @@ class _JsonHoles:
         return "".join(parts)
 
 
-class _Template:
-    """The messages of one task name, from `as_task_v2`'s output: its envelope and task-sent event.
+def _kind(message: Message) -> tuple[str, tuple[str, ...]]:
+    """What selects a message's template: its task and the names of the headers send_task adds."""
+    if message.order is None and not message.headers:
+        return message.task_name, ()
+    return message.task_name, tuple(send_headers(message) or ())
 
-    `as_task_v2` is called once per task name with sentinel values for the task id and argsrepr;
-    the envelope (holes: task id, argsrepr, body, delivery tag) and the task-sent event (holes: task
-    id, argsrepr, utcoffset, clock, timestamp) are encoded once with holes (`_JsonHoles`). Whatever
-    Celery puts in the headers and the event, the templates have it, in Celery's order.
+
+class _Template:
+    """The messages of one task name as `send_task` makes them: its envelope and task-sent event.
+
+    `app.send_task` itself is called once per task name (and once more with the ordering headers),
+    with sentinel values for the task id, argsrepr and the ordering headers, and a producer that only
+    records what it is asked to publish (`_Recorder`): the headers, properties and publish options
+    are Celery's own, with every setting that shapes them (the task's options, time limits,
+    ignore_result, the queue's exchange and delivery mode, the task-sent event's fields). What kombu's
+    producer and the Redis channel add to them (below) is pinned by
+    tests/integration/test_pipelined_publisher.py, byte for byte, for each setting that changes it.
+    A task whose publish options ask for more than that (a priority, an expiry, compression, another
+    exchange) has no template (`of` gives None) and goes through send_task.
     """
 
     ENVELOPE_HOLES = ("task_id", "argsrepr", "body", "delivery_tag")
-    ORDERED_HOLES = ("order_key", "order_member")  # after ENVELOPE_HOLES, for an ordered task
     EVENT_HOLES = ("task_id", "argsrepr", "utcoffset", "clock", "timestamp")
+    # What the template reproduces of Producer.publish's arguments (the rest must be absent or None).
+    PUBLISH_OPTIONS = frozenset(
+        {"exchange", "routing_key", "serializer", "compression", "retry", "retry_policy", "delivery_mode",
+         "declare", "headers", "timeout", "confirm_timeout", "correlation_id", "reply_to"}
+    )  # fmt: skip
 
     def __init__(self, envelope: _JsonHoles, sent_event: _JsonHoles | None) -> None:
         self.envelope = envelope
         self.sent_event = sent_event
 
     @classmethod
-    def of(cls, app: Celery, layout: _Layout, task_name: str, *, ordered: bool = False) -> _Template:
+    def of(
+        cls, app: Celery, layout: _Layout, task_name: str, header_names: tuple[str, ...]
+    ) -> _Template | None:
         hole = _JsonHoles.hole
-        headers, properties, _, sent_fields = app.amqp.as_task_v2(
-            hole("task_id"),
-            task_name,
-            args=_NO_ARGS,  # the body is encoded separately (and shared by the event's messages)
-            argsrepr=hole("argsrepr"),
-            kwargsrepr="{}",
-            origin=layout.origin,
-            reply_to=layout.reply_to,
-            create_sent_event=layout.sent_events,
-            ignore_result=None,  # what send_task passes when the task is not given ignore_result
-        )
         holes = cls.ENVELOPE_HOLES
-        if ordered:
-            # send_task(headers=...) updates the message headers after as_task_v2: same place here.
-            headers.update(order_headers(Order(hole("order_key"), hole("order_member"))))
-            holes = holes + cls.ORDERED_HOLES
-        # What kombu's producer and the Redis channel add (Channel.prepare_message,
+        headers = None
+        if header_names:  # after the envelope's own holes, in the order send_headers gives them
+            headers = {name: hole(f"header:{name}") for name in header_names}
+            holes = holes + tuple(f"header:{name}" for name in header_names)
+        recorder = _Recorder(app)
+        try:
+            app.send_task(
+                task_name, args=_NO_ARGS, task_id=hole("task_id"), producer=recorder, retry=False,
+                add_to_parent=False, headers=headers,
+            )  # fmt: skip
+        finally:
+            recorder.connection.release()
+        (body, options), *events = recorder.published
+        if not isinstance(body, tuple) or list(body[1:]) != [{}, _EMBED]:
+            return None  # not task protocol 2, or a body other than the one _body() encodes
+        extra = {key for key in options.keys() - cls.PUBLISH_OPTIONS if options[key] is not None}
+        # A queue declared with arguments (x-expires, max priority, a TTL) makes kombu's channel add
+        # commands (PEXPIRE) or pick another key.
+        declared = [q for q in options["declare"] or () if isinstance(q, Queue)]
+        if any(q.queue_arguments or q.expires or q.max_priority or q.message_ttl for q in declared):
+            return None
+        shape = (options["exchange"], options["routing_key"], options["compression"], options["serializer"])
+        if extra or shape != ("", layout.queue, None, app.conf.task_serializer):
+            return None
+        # The argsrepr of the payload, in the header and the task-sent event (send_task(argsrepr=...)
+        # would add it to the message properties too).
+        options["headers"]["argsrepr"] = hole("argsrepr")
+        properties = {"correlation_id": options["correlation_id"], "reply_to": options["reply_to"]}
+        # What kombu's producer and the Redis channel add (Producer.publish, Channel.prepare_message,
         # _inplace_augment_message), for the default exchange and a priority-0 message.
-        properties["delivery_mode"] = 2  # persistent: the default delivery mode of task queues
+        properties["delivery_mode"] = maybe_delivery_mode(options["delivery_mode"])
         properties["delivery_info"] = {"exchange": "", "routing_key": layout.routing_key}
         properties["priority"] = 0
         properties["body_encoding"] = "base64"
@@ -515,32 +527,32 @@ class _Template:
             "body": hole("body"),
             "content-encoding": content_encoding,
             "content-type": content_type,
-            "headers": headers,
+            "headers": options["headers"],
             "properties": properties,
         }
         sent_event = None
-        if sent_fields is not None:
-            # The fields in the order Celery's dispatcher gives them (Event: timestamp, then type).
-            event = Event(
-                "task-sent",
-                hostname=layout.origin,
-                utcoffset=hole("utcoffset"),
-                pid=layout.pid,
-                clock=hole("clock"),
-                **sent_fields,
-                queue=layout.queue,
-                exchange="",
-                routing_key=layout.routing_key,
-                timestamp=hole("timestamp"),
-            )
+        if events:
+            ((event, _),) = events
+            event.update(args=hole("argsrepr"), utcoffset=hole("utcoffset"), clock=hole("clock"))
+            event["timestamp"] = hole("timestamp")
             sent_event = _JsonHoles.of(event, cls.EVENT_HOLES)
         return cls(_JsonHoles.of(envelope, holes), sent_event)
+
+
+class _Recorder:
+    """The producer `_Template.of` gives send_task: it records what it is asked to publish."""
+
+    def __init__(self, app: Celery) -> None:
+        self.connection = app.connection_for_write()  # send_task only uses it to wrap errors; never connected
+        self.published: list[tuple[Any, dict[str, Any]]] = []
+
+    def publish(self, body: Any, **options: Any) -> None:
+        self.published.append((body, options))
 
 
 _NOTHING = object()
 _NO_ARGS: list[Any] = []
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-_BODY = _JsonHoles.of(([_JsonHoles.hole("payload")], {}, _EMBED), ("payload",))
 
 
 class _Layout:
@@ -552,18 +564,13 @@ class _Layout:
         queue: str,
         queue_key: str,
         event_topics: list[str],
-        sent_events: bool,
         origin: str,
-        reply_to: str,
     ) -> None:
         self.queue = queue
         self.routing_key = queue
         self.queue_key = queue_key
         self.event_topics = event_topics
-        self.sent_events = sent_events
         self.origin = origin
-        self.reply_to = reply_to
-        self.pid = os.getpid()
         self.content = ("application/json", "utf-8")  # (content type, encoding) of task bodies
         # The message of a batch's task-sent events, as Celery's dispatcher sends a buffered group.
         self.events_envelope = _JsonHoles.of(
@@ -615,251 +622,9 @@ class _Layout:
             queue=queue,
             queue_key=queue_key,
             event_topics=event_topics,
-            sent_events=bool(conf.task_send_sent_event),
             origin=anon_nodename(),
-            reply_to=app.thread_oid,
         )
         # The task serializer's content type and encoding, as send_task would label the body.
         content_type, content_encoding, _ = kombu_dumps(None, serializer=conf.task_serializer)
         layout.content = (content_type, content_encoding)
         return layout
-
-
-# -- the task body without kombu's Python `default()` hook ----------------------------------------
-# Encoding the body is the most expensive step left (half the publisher's time with kombu's encoder:
-# a Python default() call per BSON value, after worker.serialization's own walk for Int64). The same
-# text comes out of one walk that writes the JSON of each value directly: strings through json's own
-# C escaper, each registered type as the registered encoder makes it, the keys of a document once per
-# process (they repeat from one event to the next). Building the text directly rather than a JSON-
-# ready copy for the C encoder halves the cost: the copy allocated a dict per BSON value and the
-# encoder walked the whole document a second time. It follows changeflow.worker.serialization's json_ready
-# (envelope-shaped dicts escaped, Int64, Code and DBRef as their envelopes) and kombu.utils.json
-# (registered types in registration order, then bytes); anything else (a type with __json__, an
-# unknown type, a key that is not a string) goes to the real serializer, which encodes or refuses it.
-# fast_json_matches() checks the result against the real serializer once per process and the fast
-# path is only used when they agree byte for byte.
-
-
-class _NotPlain(Exception):
-    """A value the fast encoder leaves to the registered serializer."""
-
-
-def json_text(value: Any) -> str:
-    """json.dumps(value) as kombu's json serializer (+ changeflow's) makes it; raises _NotPlain for
-    what only that serializer knows how to encode or refuse."""
-    kind = type(value)
-    if kind is dict:
-        return _dict_text(value)
-    if kind is str:
-        return json_string(value)
-    encode = _encoders.get(kind)
-    if encode is None:
-        encode = _encoders[kind] = _encoder_for(kind)
-    return encode(value)
-
-
-def _dict_text(value: Mapping[Any, Any]) -> str:
-    if len(value) == 2 and "__type__" in value and "__value__" in value:
-        return _escaped_dict_text(value)  # kombu would read it as its type envelope
-    keys = _key_texts
-    parts = []
-    for key, item in value.items():
-        prefix = keys.get(key)
-        if prefix is None:
-            prefix = _key_text(key)
-        # Strings (most values) inline: a call less per value.
-        parts.append(prefix + (json_string(item) if type(item) is str else json_text(item)))
-    return "{" + ", ".join(parts) + "}"
-
-
-def _escaped_dict_text(value: Mapping[Any, Any]) -> str:
-    """worker.serialization's escape of an envelope-shaped dict: the list of its pairs, in an envelope."""
-    pairs = ["[" + json_string(key) + ", " + json_text(item) + "]" for key, item in value.items()]
-    return '{"__type__": "changeflow_dict", "__value__": [' + ", ".join(pairs) + "]}"
-
-
-def _list_text(value: Sequence[Any]) -> str:
-    items = [json_string(item) if type(item) is str else json_text(item) for item in value]
-    return "[" + ", ".join(items) + "]"
-
-
-# '"key": ' per document key, memoized: field names repeat from one event to the next. Bounded, as
-# documents may use values as keys.
-_key_texts: dict[str, str] = {}
-_KEY_TEXTS_MAX = 4096
-
-
-def _key_text(key: Any) -> str:
-    if not isinstance(key, str):
-        raise _NotPlain  # json turns some non-str keys into strings; the serializer knows which
-    text = json_string(key) + ": "
-    if len(_key_texts) < _KEY_TEXTS_MAX:
-        _key_texts[key] = text
-    return text
-
-
-def fast_body(payload: dict[str, Any]) -> str:
-    """json.dumps(([payload], {}, embed)) as the task serializer encodes it; its constant part once."""
-    return _BODY.fill((json_text(payload),))
-
-
-_encoders: dict[type, Callable[[Any], str]] = {}
-
-
-def _encoder_for(kind: type) -> Callable[[Any], str]:
-    """The function giving the JSON text of a value of `kind` (any type but dict and str)."""
-    from bson import Decimal128, Int64
-    from bson.code import Code
-    from bson.dbref import DBRef
-    from kombu.utils import json as kombu_json
-
-    if kind is int:
-        return int.__repr__
-    if kind is float:
-        return json_number  # its repr, or json's spelling of NaN and the infinities
-    if kind is bool:
-        return lambda value: "true" if value else "false"
-    if kind is type(None):
-        return lambda value: "null"
-    if issubclass(kind, dict):  # SON and other subclasses: through their items(), as json does
-        return _dict_text
-    if issubclass(kind, list | tuple):  # json encodes a tuple as a list
-        return _list_text
-    if issubclass(kind, Int64):
-        return lambda value: '{"__type__": "int64", "__value__": ' + int.__repr__(value) + "}"
-    if issubclass(kind, Code):
-        return _code_text
-    if issubclass(kind, DBRef):
-        return _dbref_text
-    if getattr(kind, "__json__", None) is not None:
-        return _refuse
-    if issubclass(kind, int | float | str):
-        return _encode  # json encodes these natively, never asking kombu's encoder
-    if kind is Decimal128:
-        return _decimal128_text
-    if issubclass(kind, Decimal128):
-        return _refuse  # json_ready's bits-or-text choice, and a __str__ of its own maybe
-    for registered, (marker, encode) in kombu_json._encoders.items():
-        if issubclass(kind, registered):
-            if marker is None:
-                return lambda value, encode=encode: json_text(encode(value))
-            return _marked(marker, encode)
-    if issubclass(kind, bytes):
-        return _bytes
-    return _refuse
-
-
-def _marked(marker: str, encode: Callable[[Any], Any]) -> Callable[[Any], str]:
-    """kombu's {"__type__": marker, "__value__": encode(value)}, as JSON text."""
-    prefix = '{"__type__": ' + json_string(marker) + ', "__value__": '
-
-    def text(value: Any) -> str:
-        encoded = encode(value)  # mostly a str (ObjectId, datetime, Decimal128)
-        return prefix + (json_string(encoded) if type(encoded) is str else json_text(encoded)) + "}"
-
-    return text
-
-
-def _code_text(value: Code) -> str:
-    """changeflow.worker.serialization's Code envelope (its scope a document like any other)."""
-    scope = "null" if value.scope is None else json_text(value.scope)
-    return (
-        '{"__type__": "bson_code", "__value__": {"code": '
-        + json_string(str(value))
-        + ', "scope": '
-        + scope
-        + "}}"
-    )
-
-
-def _dbref_text(value: DBRef) -> str:
-    """changeflow.worker.serialization's DBRef envelope: its document, written like any other."""
-    return '{"__type__": "bson_dbref", "__value__": ' + _dict_text(value.as_doc()) + "}"
-
-
-# json.dumps' encoder without its check for circular references (an id() into a dict and out again
-# per container): BSON documents cannot hold cycles. The same text otherwise.
-_encode = json.JSONEncoder(check_circular=False).encode
-
-
-def _decimal128_text(value: Decimal128) -> str:
-    """changeflow.worker.serialization's Decimal128 envelope: its text, or its bits when the text would not
-    give them back (see decimal128_has_text); the text as _decimal128_str makes it, in one pass."""
-    bits = int.from_bytes(value.bid, "little")
-    high = bits >> 64
-    coefficient = bits & D128_COEFFICIENT
-    if high & D128_SPECIAL == D128_SPECIAL or high & D128_OTHER_FORM == D128_OTHER_FORM:
-        if decimal128_has_text(value):  # NaN, Infinity, -Infinity
-            return '{"__type__": "bson_decimal128", "__value__": "' + str(value) + '"}'
-        return '{"__type__": "bson_decimal128_bid", "__value__": "' + value.bid.hex() + '"}'
-    if coefficient > D128_MAX_COEFFICIENT:
-        return '{"__type__": "bson_decimal128_bid", "__value__": "' + value.bid.hex() + '"}'
-    text = str(decimal.Decimal(f"{'-' if high >> 63 else ''}{coefficient}E{((high >> 49) & 0x3FFF) - 6176}"))
-    return '{"__type__": "bson_decimal128", "__value__": "' + text + '"}'
-
-
-def _decimal128_str(value: Decimal128) -> str:
-    """str(value), as bson's Decimal128.__str__ gives it, from one Decimal parse of its bits.
-
-    bson's to_decimal() rebuilds the coefficient byte by byte and its digits one by one, in Python
-    (5 us a value, the most expensive leaf of an order). A finite value in the canonical encoding is
-    sign * coefficient * 10**exponent, with at most 34 digits and -6176 <= exponent <= 6111: exactly
-    a decimal128 context's range, so bson's context neither rounds nor clamps it, and parsing the
-    same triple gives the same Decimal. NaN, infinities and the other encodings go to bson.
-    """
-    bits = int.from_bytes(value.bid, "little")  # the IEEE 754 BID encoding, low 64 bits first
-    high = bits >> 64
-    if high & D128_SPECIAL == D128_SPECIAL or high & D128_OTHER_FORM == D128_OTHER_FORM:
-        return str(value)
-    coefficient = bits & D128_COEFFICIENT
-    if coefficient > D128_MAX_COEFFICIENT:
-        return str(value)  # bson reads a too large coefficient as 0
-    exponent = ((high >> 49) & 0x3FFF) - 6176
-    return str(decimal.Decimal(f"{'-' if high >> 63 else ''}{coefficient}E{exponent}"))
-
-
-def _refuse(value: Any) -> str:
-    raise _NotPlain
-
-
-def _bytes(value: bytes) -> str:
-    try:
-        return '{"__type__": "bytes", "__value__": ' + json_string(value.decode("utf-8")) + "}"
-    except UnicodeDecodeError:
-        return '{"__type__": "base64", "__value__": "' + base64.b64encode(value).decode("ascii") + '"}'
-
-
-def fast_json_matches() -> bool:
-    """Whether fast_body gives what the registered json serializer gives, on every type."""
-    import datetime as dt
-
-    from bson import Binary, Decimal128, Int64, ObjectId, Timestamp
-    from bson.code import Code
-    from bson.datetime_ms import DatetimeMS
-    from bson.dbref import DBRef
-    from bson.max_key import MaxKey
-    from bson.min_key import MinKey
-    from bson.regex import Regex
-    from bson.son import SON
-
-    now = dt.datetime(2026, 1, 2, 3, 4, 5, 678901)
-    decimals = ["1.50", "-0", "0E+6111", "-1E-6176", "9.99E+6144", "NaN", "-Infinity"]  # ends of the range
-    payload = {
-        "_id": {"_data": "8263"}, "s": "é\"x", "i": 1, "big": 2**70, "f": 1.5, "b": True, "n": None,
-        "oid": ObjectId("65a1b2c3d4e5f60718293a4b"), "dec": [Decimal128(text) for text in decimals],
-        "i64": Int64(7), "ts": Timestamp(1_700_000_000, 3), "bin": Binary(b"\x00\xff", 4), "raw": b"\xff\x00",
-        "text": b"abc", "dt": now, "dtz": now.replace(tzinfo=dt.UTC), "d": now.date(), "t": now.time(),
-        "pydec": decimal.Decimal("2.5"), "uuid": uuid.UUID(int=5), "list": [1, (2, 3), {"x": [now]}],
-        "son": SON([("b", 1), ("a", "x")]), "plain": {"k": [1, "v", None, 2.5, False]},
-        "re": Regex("^a.*", "imsux"), "code": [Code("f()"), Code("g(x)", {"x": Int64(1), "e": {}})],
-        "ref": DBRef("c", ObjectId("65a1b2c3d4e5f60718293a4b"), "db", x={"__type__": 1, "__value__": [2]}),
-        "keys": [MinKey(), MaxKey()], "dms": DatetimeMS(-(2**62)),
-        # Dicts kombu would read as its envelope, nested in each other: escaped at every level.
-        "odd": {"__value__": {"__type__": "datetime", "__value__": "2026-01-01"}, "__type__": "x"},
-    }  # fmt: skip
-    try:
-        fast = fast_body(payload)
-    except _NotPlain:
-        return False
-    _, _, reference = kombu_dumps(([payload], {}, _EMBED), serializer="json")
-    return fast == (reference.decode("utf-8") if isinstance(reference, bytes) else reference)

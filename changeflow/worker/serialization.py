@@ -14,10 +14,17 @@ the envelope `{"__type__": "changeflow_dict", "__value__": [[key, value], ...]}`
 (a list is never read as an envelope, so its values decode first, escaped or not, at any depth) that
 decodes back to the plain dict, keys in their order.
 
-Two BSON types subclass builtins that the json module encodes natively, without ever asking the
-encoder's `default()` hook: Int64 (an int) and Code (a str). So the `json` serializer in kombu's
-registry is re-registered with a thin encoder whose walk (`json_ready`) escapes envelope-shaped
-dicts and writes Int64 and Code as their envelopes. Decoding is kombu's own.
+The encoder is orjson with a `default` hook (`dumps`, registered as kombu's `json` serializer, so
+`send_task`, task events, results and the listener's pipelined publisher all use this one function).
+The hook writes every non-JSON value as kombu's encoder would (registered types in registration
+order, `__json__`, bytes), so kombu's decoder reads the messages unchanged; only the spacing differs
+from the json module's. orjson writes some values natively in a way kombu's format does not (NaN
+and the infinities as null, UUIDs as strings, integers beyond 64 bits refused, envelope-shaped dicts
+as they are, keys that are not strings refused): a payload holding any of them (`_plain` says no) is
+first turned by `json_ready` into values orjson writes as the json module does (the literal text of a
+float or an integer, escaped dicts, envelopes). Subclasses of str, int, float, dict, list and tuple go
+to the hook (OPT_PASSTHROUGH_SUBCLASS): Int64 and Code become their envelopes, the others their base
+value, as the json module writes them.
 
 Any other type (a Python object that is not BSON) fails with `UnserializableValueError`, which kombu
 wraps in `kombu.exceptions.EncodeError` when it comes from `send_task`.
@@ -28,10 +35,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import enum
+import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 from bson import Binary, Decimal128, Int64, ObjectId, Timestamp
 from bson.code import Code
 from bson.datetime_ms import DatetimeMS
@@ -145,32 +155,219 @@ def _escaped_dict_from_json(pairs: list[list[Any]]) -> dict[str, Any]:
     return {key: item for key, item in pairs}
 
 
-def json_ready(value: Any) -> Any:
-    """`value` for kombu's encoder: envelope-shaped dicts escaped, Int64 and Code as their envelopes.
+def decimal128_str(value: Decimal128) -> str:
+    """str(value), as bson's Decimal128.__str__ gives it, from one Decimal parse of its bits.
 
-    The other registered types are left to kombu's `default()` hook (DBRef's encoder walks its
-    document with this function too).
+    bson's to_decimal() rebuilds the coefficient byte by byte and its digits one by one, in Python
+    (the most expensive leaf of a document). A finite value in the canonical encoding is
+    sign * coefficient * 10**exponent, with at most 34 digits and -6176 <= exponent <= 6111: exactly
+    a decimal128 context's range, so bson's context neither rounds nor clamps it, and parsing the
+    same triple gives the same Decimal. NaN, infinities and the other encodings go to bson.
     """
-    # Hot path (every task message): exact type checks first.
+    bits = int.from_bytes(value.bid, "little")  # the IEEE 754 BID encoding, low 64 bits first
+    high = bits >> 64
+    if high & D128_SPECIAL == D128_SPECIAL or high & D128_OTHER_FORM == D128_OTHER_FORM:
+        return str(value)
+    coefficient = bits & D128_COEFFICIENT
+    if coefficient > D128_MAX_COEFFICIENT:
+        return str(value)  # bson reads a too large coefficient as 0
+    exponent = ((high >> 49) & 0x3FFF) - 6176
+    return str(decimal.Decimal(f"{'-' if high >> 63 else ''}{coefficient}E{exponent}"))
+
+
+# -- the encoder ------------------------------------------------------------------------------------
+# Non-JSON values go to orjson's default hook; datetimes and subclasses of builtins too (orjson would
+# write them its own way); dataclasses too (the json module refuses them).
+ORJSON_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+# The integers orjson writes itself; the json module writes any.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_NON_FINITE = {
+    "nan": orjson.Fragment(b"NaN"),
+    "inf": orjson.Fragment(b"Infinity"),
+    "-inf": orjson.Fragment(b"-Infinity"),
+}
+_NON_FINITE_KEYS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def dumps(value: Any) -> bytes:
+    """Encode like kombu's json serializer (its envelopes, BSON types registered), with orjson."""
+    if len(kombu_json._encoders) != _hooks_registry[0]:
+        _hooks.clear()  # a type was registered since the hooks were made: make them again
+        _hooks_registry[0] = len(kombu_json._encoders)
+    try:
+        if _plain(value):
+            try:
+                text = orjson.dumps(value, default=_default, option=ORJSON_OPTIONS)
+            except TypeError:
+                pass  # a key that is not a string, an integer beyond 64 bits, ...: json_ready decides
+            else:
+                # The hook writes its envelopes with a space after '"__type__":', orjson writes a
+                # dict's own keys without: a document's dict with a "__type__" key (maybe shaped
+                # like an envelope, to be escaped) makes the counts differ.
+                if text.count(b'"__type__":') == text.count(b'"__type__": '):
+                    return text
+        return orjson.dumps(json_ready(value), default=_default, option=ORJSON_OPTIONS)
+    except TypeError as exc:  # orjson.JSONEncodeError is one
+        raise UnserializableValueError(_find_unserializable(value, "") or str(exc)) from None
+
+
+# What orjson (with the hook) writes as kombu's format wants it, whatever the value.
+_PLAIN_LEAVES = frozenset(
+    {str, int, bool, type(None), ObjectId, Decimal128, Timestamp, Binary, Int64, Regex, Code, DBRef,
+     MinKey, MaxKey, DatetimeMS, dt.datetime, dt.date, dt.time, decimal.Decimal, bytes}
+)  # fmt: skip
+
+
+def _plain(value: Any) -> bool:
+    """False when `value` holds what orjson writes natively but not as the json module does: NaN
+    and the infinities (as null), UUIDs (as strings), Enum members (as their values)."""
     kind = type(value)
-    if kind is str or kind is int or kind is float or kind is bool or value is None:
+    if kind is dict:
+        items: Any = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    elif kind is float:
+        return math.isfinite(value)
+    else:
+        return not issubclass(kind, uuid.UUID | enum.Enum)
+    for item in items:  # noqa: SIM110 (a loop: all() of a generator is slower, on every message)
+        if type(item) not in _PLAIN_LEAVES and not _plain(item):
+            return False
+    return True
+
+
+def json_ready(value: Any) -> Any:
+    """`value` for orjson with the hook: what it would write differently from kombu's format, made ready.
+
+    Envelope-shaped dicts escaped; keys as the json module turns them into strings; NaN, the
+    infinities and integers beyond 64 bits as their literal text; every other non-JSON value (UUID,
+    subclasses, what orjson would write natively but the json module refuses) as the hook writes it.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
         return value
-    if kind is dict or isinstance(value, dict):
+    if kind is int:
+        return value if _INT_MIN <= value <= _INT_MAX else orjson.Fragment(int.__repr__(value).encode())
+    if kind is float:
+        return value if math.isfinite(value) else _NON_FINITE[repr(value)]
+    if isinstance(value, dict):  # subclasses through their items(), as the json module
         if is_envelope_shaped(value):
             return {
                 TYPE_KEY: ESCAPED_DICT,
                 VALUE_KEY: [[key, json_ready(item)] for key, item in value.items()],
             }
-        return {key: json_ready(item) for key, item in value.items()}
-    if kind is list or kind is tuple or isinstance(value, list | tuple):
+        return {_json_key(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
         return [json_ready(item) for item in value]
-    if isinstance(value, Int64):
-        return {TYPE_KEY: "int64", VALUE_KEY: int(value)}
-    if isinstance(value, Code):
-        return {TYPE_KEY: "bson_code", VALUE_KEY: code_to_json(value)}
-    if isinstance(value, Decimal128) and not decimal128_has_text(value):
-        return {TYPE_KEY: "bson_decimal128_bid", VALUE_KEY: value.bid.hex()}
-    return value
+    if kind is orjson.Fragment:
+        return value  # made ready already (a registered encoder's result walked again)
+    return _default(value)
+
+
+def _json_key(key: Any) -> str:
+    """A dict key as the json module writes it (str, float, bool, None, int), or its TypeError."""
+    if isinstance(key, str):
+        return str.__str__(key)
+    if isinstance(key, float):
+        return float.__repr__(key) if math.isfinite(key) else _NON_FINITE_KEYS[repr(float(key))]
+    if key is True or key is False or key is None:
+        return {True: "true", False: "false", None: "null"}[key]
+    if isinstance(key, int):
+        return int.__repr__(key)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+
+
+# type -> what the hook returns for a value of it; made on first sight of the type.
+_hooks: dict[type, Callable[[Any], Any]] = {}
+_hooks_registry = [0]  # len(kombu's registry) the hooks were made from
+
+
+def _default(value: Any) -> Any:
+    """orjson's default hook: `value` as kombu's JSONEncoder.default would write it."""
+    kind = type(value)
+    hook = _hooks.get(kind)
+    if hook is None:
+        hook = _hooks[kind] = _hook_for(kind)
+    return hook(value)
+
+
+def _hook_for(kind: type) -> Callable[[Any], Any]:
+    # Subclasses of builtins: the json module writes them as their base type without asking the
+    # hook, except Int64 and Code (json_ready wrote them as their envelopes, and still does).
+    if issubclass(kind, Int64):
+        return _int64_json
+    if issubclass(kind, Code):
+        return lambda value: _envelope_text("bson_code", code_to_json(value))
+    if issubclass(kind, str):
+        return str.__str__
+    if issubclass(kind, int):
+        return lambda value: orjson.Fragment(int.__repr__(value).encode())
+    if issubclass(kind, float):
+        return lambda value: json_ready(float.__float__(value))
+    if issubclass(kind, dict | list | tuple):
+        return json_ready
+    if kind is Decimal128:
+        return _decimal128_json
+    if issubclass(kind, Decimal128):
+        return lambda value: (
+            _envelope_text("bson_decimal128", str(value))
+            if decimal128_has_text(value)
+            else _envelope_text("bson_decimal128_bid", value.bid.hex())
+        )
+    # kombu's JSONEncoder.default, in its order (kombu/utils/json.py).
+    if getattr(kind, "__json__", None) is not None:
+        return lambda value: value.__json__()
+    if kombu_json.textual_types and issubclass(kind, kombu_json.textual_types):
+        return str
+    for registered, (marker, encode) in kombu_json._encoders.items():
+        if issubclass(kind, registered):
+            if marker is None:
+                return encode
+            return _envelope(marker, encode)
+    if issubclass(kind, bytes):
+        return _bytes_json
+    return _refuse
+
+
+def _envelope(marker: str, encode: Callable[[Any], Any]) -> Callable[[Any], orjson.Fragment]:
+    """kombu's {"__type__": marker, "__value__": encode(value)}, spelled as dumps() recognizes it."""
+    return lambda value: _envelope_text(marker, encode(value))
+
+
+def _envelope_text(marker: str, encoded: Any) -> orjson.Fragment:
+    # An encoder's result is written as it is, as kombu's encoder writes it (Code's and DBRef's walk
+    # the document they hold with json_ready themselves).
+    return orjson.Fragment(
+        b'{"__type__": '
+        + orjson.dumps(marker)
+        + b', "__value__": '
+        + orjson.dumps(encoded, default=_default, option=ORJSON_OPTIONS)
+        + b"}"
+    )
+
+
+def _int64_json(value: Int64) -> orjson.Fragment:
+    return orjson.Fragment(b'{"__type__": "int64", "__value__": %d}' % value)
+
+
+def _decimal128_json(value: Decimal128) -> orjson.Fragment:
+    """Decimal128's envelope: its text, or its bits when the text would not give them back."""
+    if decimal128_has_text(value):
+        return _envelope_text("bson_decimal128", decimal128_str(value))
+    return _envelope_text("bson_decimal128_bid", value.bid.hex())
+
+
+def _bytes_json(value: bytes) -> orjson.Fragment:
+    try:
+        return _envelope_text("bytes", value.decode("utf-8"))
+    except UnicodeDecodeError:
+        return _envelope_text("base64", base64.b64encode(value).decode("utf-8"))
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _join(path: str, key: object) -> str:
@@ -178,7 +375,7 @@ def _join(path: str, key: object) -> str:
 
 
 def _find_unserializable(value: Any, path: str) -> str | None:
-    """The path of the first value kombu's encoder rejects (only called after encoding failed)."""
+    """The path of the first value the encoder rejects (only called after encoding failed)."""
     if isinstance(value, dict):
         for key, item in value.items():
             found = _find_unserializable(item, _join(path, key))
@@ -192,7 +389,7 @@ def _find_unserializable(value: Any, path: str) -> str | None:
                 return found
         return None
     try:
-        kombu_json.dumps(value)
+        orjson.dumps(json_ready(value), default=_default, option=ORJSON_OPTIONS)
     except TypeError:
         return _unsupported_message(value, path)
     return None
@@ -204,18 +401,10 @@ def _unsupported_message(value: Any, path: str) -> str:
     return f"cannot serialize {kind} at {path or '<root>'}: task payloads support dict, list, {supported}"
 
 
-def dumps(value: Any) -> str:
-    """Encode like kombu's json serializer, with the walk of `json_ready`; unsupported types clearly."""
-    try:
-        return kombu_json.dumps(json_ready(value))
-    except TypeError as exc:
-        raise UnserializableValueError(_find_unserializable(value, "") or str(exc)) from None
-
-
 def register_bson_types() -> None:
     """Teach Celery's `json` serializer the BSON types. Idempotent: every call registers the same."""
     kombu_json.register_type(ObjectId, "bson_objectid", str, ObjectId)
-    kombu_json.register_type(Decimal128, "bson_decimal128", str, Decimal128)
+    kombu_json.register_type(Decimal128, "bson_decimal128", decimal128_str, Decimal128)
     kombu_json.register_type(Binary, "bson_binary", _binary_to_json, _binary_from_json)
     kombu_json.register_type(Timestamp, "bson_timestamp", _timestamp_to_json, _timestamp_from_json)
     kombu_json.register_type(Regex, "bson_regex", _regex_to_json, _regex_from_json)
@@ -223,8 +412,8 @@ def register_bson_types() -> None:
     kombu_json.register_type(MinKey, "bson_minkey", _none, _min_key)
     kombu_json.register_type(MaxKey, "bson_maxkey", _none, _max_key)
     kombu_json.register_type(DatetimeMS, "bson_datetime_ms", int, DatetimeMS)
-    # Int64, Code and escaped dicts are written by json_ready (json never calls default() for an
-    # int, a str or a dict): registered for their decoders.
+    # Int64 and Code are written by the hook before kombu's registry is asked (as subclasses of int and
+    # str); escaped dicts and Decimal128's bits by json_ready and the hook: registered for their decoders.
     kombu_json.register_type(Int64, "int64", int, Int64)
     kombu_json.register_type(Code, "bson_code", code_to_json, _code_from_json)
     kombu_json.register_type(_EscapedDict, ESCAPED_DICT, _never, _escaped_dict_from_json)

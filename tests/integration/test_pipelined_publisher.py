@@ -268,3 +268,103 @@ def test_a_task_with_its_own_queue_lands_in_that_queue(
             length.close()
     finally:
         app.close()
+
+
+# -- byte for byte against send_task, for each setting that changes a message -----------------------
+def _settings_app(redis_url: str, setting: str) -> Celery:
+    """A Celery app configured like worker.app, with one task, and `setting` applied."""
+    from kombu import Queue
+
+    app = Celery("changeflow-bytes", set_as_current=False)
+    app.conf.update(celery_config(Settings(celery_broker_url=redis_url)))
+    task_options: dict[str, Any] = {"time_limit": 60, "soft_time_limit": 30}  # as the card's tasks have
+    if setting == "task priority":
+        task_options["priority"] = 5
+    elif setting == "default priority":
+        app.conf.task_default_priority = 5
+    elif setting == "task ignore_result":
+        task_options["ignore_result"] = True
+    elif setting == "queue x-expires":
+        app.conf.task_queues = [Queue("celery", queue_arguments={"x-expires": 60_000})]
+    elif setting == "queue max priority":
+        app.conf.task_queues = [Queue("celery", max_priority=10)]
+    elif setting == "task protocol 1":
+        app.conf.task_protocol = 1
+    elif setting == "task-sent events off":
+        app.conf.task_send_sent_event = False
+    elif setting == "transient delivery":
+        app.conf.task_default_delivery_mode = "transient"
+    elif setting == "compression":
+        app.conf.task_compression = "gzip"
+
+    def noop(event: dict[str, Any]) -> None: ...
+
+    app.task(name="bytes.task", shared=False, **task_options)(noop)
+    app.finalize()  # as a loaded app is: send_task then reads the task's options (time limits, priority)
+    return app
+
+
+REPRODUCED = {
+    "defaults",
+    "task ignore_result",
+    "task-sent events off",
+    "transient delivery",
+    "ordering headers",
+    "ordering and trace headers",
+}
+DELIVERY_TAG = re.compile(rb'"delivery_tag": "[^"]*"')
+
+
+def _queued(client: redis.Redis) -> dict[bytes, list[bytes]]:
+    """Every list in Redis with its values, the delivery tag (unique per message on both paths) blanked."""
+    lists = {key: client.lrange(key, 0, -1) for key in client.keys("*") if client.type(key) == b"list"}
+    return {
+        key: [DELIVERY_TAG.sub(b'"delivery_tag": ""', v) for v in values] for key, values in lists.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "defaults", "task priority", "default priority", "task ignore_result", "queue x-expires",
+        "queue max priority", "task protocol 1", "task-sent events off", "transient delivery", "compression",
+        "ordering headers",
+        "ordering and trace headers",
+    ],
+)  # fmt: skip
+def test_the_bytes_in_redis_are_send_tasks(
+    redis_server: RedisServer, client: redis.Redis, setting: str
+) -> None:
+    """What lands in Redis is byte for byte what CeleryPublisher (send_task) writes, for each setting:
+    the fast path reproduces it, or sends that task through send_task. Only the delivery tag differs."""
+    from changeflow.listener.publish import Message
+    from changeflow.worker.ordering import Order
+
+    app = _settings_app(redis_server.url, setting)
+    try:
+        payload = task_payload_of(change_event())
+        order = (
+            Order("users:1", "m-1") if setting in ("ordering headers", "ordering and trace headers") else None
+        )
+        trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+        headers = trace if setting == "ordering and trace headers" else None
+        message = Message("bytes.task", "id-1", payload, order, "documentKey._id" if order else None, headers)
+        client.flushdb()
+        assert CeleryPublisher(app).publish([message]) == []
+        reference = _queued(client)
+        ttl = {key: client.pttl(key) for key in reference}
+        client.flushdb()
+        publisher = PipelinedPublisher(app, exact_argsrepr=True)
+        assert publisher.publish([message]) == []
+        assert _queued(client) == reference
+        # The settings the templates reproduce stay on the fast path; the others go through send_task.
+        assert list(publisher._fast.values()) == [setting in REPRODUCED], publisher._fast
+        assert {key: client.pttl(key) > 0 for key in reference} == {key: t > 0 for key, t in ttl.items()}
+    finally:
+        app.close()
+
+
+def task_payload_of(event: dict[str, Any]) -> dict[str, Any]:
+    from changeflow.listener.payload import task_payload
+
+    return task_payload(event)

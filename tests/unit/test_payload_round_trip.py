@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import bson
+import orjson
 import pytest
 from bson import Binary, Decimal128, Int64, ObjectId, Timestamp
 from bson.code import Code
@@ -35,8 +36,9 @@ from kombu import Connection
 from kombu.serialization import dumps, loads
 
 from changeflow.listener.payload import task_payload
-from changeflow.listener.pipelined import PipelinedPublisher, fast_body
+from changeflow.listener.pipelined import PipelinedPublisher
 from changeflow.listener.publish import CeleryPublisher, Message
+from changeflow.worker import serialization
 from changeflow.worker.serialization import MONGO_CLIENT_OPTIONS
 from tests.unit.test_pipelined_publisher import FakeRedis, make_app
 
@@ -179,10 +181,15 @@ def through_celery(app: Celery, payload: dict[str, Any]) -> Any:
 def assert_round_trips(document: dict[str, Any], app: Celery) -> None:
     event = event_for(document)
     payload = task_payload(event)
-    # The pipelined publisher's own encoder takes every BSON document (its fast path stays the path)
-    # and writes the registered serializer's bytes.
+    # The registered serializer is changeflow's orjson encoder; orjson as it is (what dumps() uses when
+    # nothing needs json_ready) and through json_ready decode to the same payload.
     body = ([payload], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
-    assert fast_body(payload) == dumps(body, serializer="json")[2]
+    text = dumps(body, serializer="json")[2]
+    assert text == serialization.dumps(body)
+    ready = orjson.dumps(
+        serialization.json_ready(body), default=serialization._default, option=serialization.ORJSON_OPTIONS
+    )
+    assert_identical(loads(ready, "application/json", "utf-8")[0][0], payload)
     assert_identical(through_pipelined(payload), payload)
     assert_identical(through_celery(app, payload), payload)
 

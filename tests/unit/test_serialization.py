@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import decimal
+import enum
 import re
 import uuid
 from typing import Any
@@ -157,3 +159,54 @@ def test_registration_is_idempotent() -> None:
     register_bson_types()
     value = {"n": Int64(7), "b": Binary(b"x", 5)}
     assert_identical(round_trip(value), value)
+
+
+# -- what orjson writes differently from the json module, written as kombu's format wants it -------
+class _Color(enum.IntEnum):
+    RED = 1
+
+
+class _Name(str):
+    pass
+
+
+class _Plain(enum.Enum):
+    A = 1
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"x": float("nan")}, None),  # orjson alone writes null
+        ([float("inf"), float("-inf"), -0.0, 1e16, 1e-7], None),
+        ({"big": 2**70, "neg": -(2**64)}, None),  # beyond orjson's 64 bits
+        ({1: "a", 2.5: "b", None: "c", False: "d"}, {"1": "a", "2.5": "b", "null": "c", "false": "d"}),
+        ({"u": uuid.UUID(int=7)}, None),  # orjson alone writes a plain string
+        ({"c": _Color.RED, "n": _Name("x")}, {"c": 1, "n": "x"}),  # as the json module writes them
+        (collections.OrderedDict([("b", 1), ("a", Int64(2))]), None),
+        ({"doc": {"__value__": 1, "__type__": "int64"}}, None),  # a document's own envelope-shaped dict
+        ({"doc": {"__type__": "only the type key"}}, None),
+    ],
+    ids=["nan", "floats", "big-ints", "non-str-keys", "uuid", "int-and-str-subclasses", "ordered-dict",
+         "envelope-shaped", "type-key"],
+)  # fmt: skip
+def test_orjson_differences_are_written_as_kombus_format(value: Any, expected: Any) -> None:
+    decoded = round_trip(value)
+    want = value if expected is None else expected
+    if isinstance(want, collections.OrderedDict):
+        want = dict(want)
+    assert repr(decoded) == repr(want)
+    assert type(decoded) is type(want)
+
+
+def test_an_enum_member_is_refused_as_the_json_module_refuses_it() -> None:
+    with pytest.raises(UnserializableValueError, match="_Plain at e"):
+        check_serializable({"e": _Plain.A})
+
+
+def test_the_hooks_envelopes_and_a_documents_own_keys_are_told_apart() -> None:
+    from changeflow.worker.serialization import dumps as encode
+
+    text = encode({"o": ObjectId("65f0c0ffee0123456789abcd"), "d": {"__type__": "x", "__value__": 1}})
+    assert b'{"__type__": "bson_objectid", "__value__": "65f0c0ffee0123456789abcd"}' in text
+    assert b'"__type__":"changeflow_dict"' in text  # escaped, through json_ready
