@@ -89,8 +89,11 @@ def test_one_bad_event_in_a_batch_is_dead_lettered_alone_and_the_others_are_coun
             return counts(db) == {"pending": 30} and db.changeflow_dead_letters.count_documents({}) == 1
 
         assert wait_until(settled, timeout=90), (counts(db), pipeline.logs())
-        received = len(RECEIVED.findall(worker_logs(pipeline)))
         letters = list(db.changeflow_dead_letters.find())
+        # The dead letter is stored before the batch's task fails: its failure is logged just after.
+        failed = f"BatchEventsFailed: 1 of the batch's events were dead-lettered: {letters[0]['_id']}"
+        wait_until(lambda: failed in worker_logs(pipeline), timeout=30)
+        received = len(RECEIVED.findall(worker_logs(pipeline)))
         logs = worker_logs(pipeline)
 
     assert received < len(good) + 1 + len(plain), received  # the bad event travelled in a batch
@@ -101,4 +104,4 @@ def test_one_bad_event_in_a_batch_is_dead_lettered_alone_and_the_others_are_coun
     # Its own key, the one its single message would have had: a replay runs it alone.
     assert letter["_id"] == dedup_key(letter["payload"]["_id"], TASK) == letter["task_id"]
     # The batch's task ends as FAILURE (what Flower shows), naming the one event.
-    assert f"BatchEventsFailed: 1 of the batch's events were dead-lettered: {letter['_id']}" in logs, logs
+    assert failed in logs, logs
