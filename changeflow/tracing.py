@@ -169,23 +169,6 @@ def event_headers(event: Mapping[str, Any]) -> dict[str, str] | None:
     return headers
 
 
-def add_to_envelope(envelope: str, headers: Mapping[str, str] | None) -> str:
-    """A pipelined task message (kombu's Redis envelope, JSON) with `headers` added to its task headers.
-
-    The envelope's first member is the body (base64: it holds no `"headers": {`), so the first match
-    is the task headers.
-    """
-    if not headers:
-        return envelope
-    import json
-
-    extra = ", ".join(f"{json.dumps(str(k))}: {json.dumps(str(v))}" for k, v in headers.items())
-    marker = '"headers": {'
-    at = envelope.index(marker) + len(marker)
-    separator = "" if envelope[at] == "}" else ", "
-    return envelope[:at] + extra + separator + envelope[at:]
-
-
 @contextlib.contextmanager
 def span(name: str, **attributes: Any) -> Iterator[None]:
     """A span around a block of a task (an SMTP conversation): nothing when tracing is off."""

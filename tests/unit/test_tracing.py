@@ -4,7 +4,6 @@ nothing at all, and no OpenTelemetry import."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -140,16 +139,3 @@ def test_without_wall_time_the_cluster_time_is_the_start() -> None:
     assert tracing.event_time(change) == WRITTEN.replace(microsecond=0)
     assert tracing.event_time({"operationType": "insert"}) is None
     assert tracing.event_time(event()) == WRITTEN
-
-
-def test_headers_go_into_a_pipelined_envelope_as_valid_json() -> None:
-    envelope = json.dumps(
-        {"body": "eyJoZWFkZXJzIjogeyJ4IjogMX19", "content-type": "application/json",
-         "headers": {"lang": "py", "task": "t"}, "properties": {"priority": 0}}
-    )  # fmt: skip
-    traced = json.loads(tracing.add_to_envelope(envelope, {"traceparent": "00-ab-cd-01"}))
-    assert traced["headers"] == {"traceparent": "00-ab-cd-01", "lang": "py", "task": "t"}
-    assert traced["body"] == "eyJoZWFkZXJzIjogeyJ4IjogMX19"
-    empty = json.dumps({"body": "", "headers": {}})
-    assert json.loads(tracing.add_to_envelope(empty, {"traceparent": "x"}))["headers"] == {"traceparent": "x"}
-    assert tracing.add_to_envelope(envelope, None) == envelope
