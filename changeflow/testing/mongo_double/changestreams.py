@@ -24,13 +24,14 @@ from bson import Binary, Int64, Timestamp
 from bson.raw_bson import RawBSONDocument
 from mongomock.aggregate import process_pipeline
 
-from changeflow.testing.mongo_double import expanded_events, expressions
+from changeflow.testing.mongo_double import expanded_events
 from changeflow.testing.mongo_double.errors import (
     BSON_MAX_INTERNAL_SIZE,
     BSON_MAX_USER_SIZE,
     MongoError,
     bson_object_too_large,
 )
+from changeflow.testing.mongo_double.match import compile_match
 from changeflow.testing.mongo_double.storage import ChangeRecord
 
 # Stages mongod allows after $changeStream.
@@ -580,12 +581,12 @@ def compile_pipeline(stages: list[dict[str, Any]]) -> Callable[[dict[str, Any]],
     """The stream's pipeline as a function of one event.
 
     A pipeline of `$match` stages only (what listeners send) runs the match predicates directly
-    (expressions.compile_match, prepared once per stream instead of once per event): the same
+    (compile_match, prepared once per stream instead of once per event): the same
     answers as `apply_pipeline`, without mongomock's pipeline machinery on every event.
     """
     if not stages or any(next(iter(stage)) != "$match" for stage in stages):
         return lambda doc: apply_pipeline(doc, stages)
-    predicates = [expressions.compile_match(stage["$match"]) for stage in stages]
+    predicates = [compile_match(stage["$match"]) for stage in stages]
 
     def match(doc: dict[str, Any]) -> list[dict[str, Any]]:
         try:
@@ -613,7 +614,7 @@ def apply_pipeline(doc: dict[str, Any], stages: list[dict[str, Any]]) -> list[di
         for stage in stages:
             # $match as mongod evaluates it (decimals, $expr); the other stages are mongomock's.
             if "$match" in stage:
-                predicate = expressions.compile_match(stage["$match"])
+                predicate = compile_match(stage["$match"])
                 out = [result for result in out if predicate(result)]
             else:
                 out = list(process_pipeline(out, None, [stage], None))

@@ -1,17 +1,9 @@
-"""`$match` as mongod evaluates it on a change event: query operators and `$expr`.
+"""`$expr` as mongod evaluates it in a change stream's `$match` (match.py), and BSON comparison order.
 
-Query operators are mongomock's (`filter_applies`), given numbers it can compare: mongomock cannot
-order Decimal128, so decimals are compared as decimal.Decimal, which Python compares with ints and
-floats exactly, as mongod compares numbers of different types by value. (changeflow.listener.matching
-does the same on the listener's side; it is not imported here, the test server must not pull in the
-listener's dependencies.)
-
-`$expr` is evaluated here, with mongod's aggregation semantics for what change-stream filters use:
+Evaluated here, with mongod's aggregation semantics for what change-stream filters use:
 field paths (missing stays missing: `{$eq: ["$nope", null]}` is false), comparisons in BSON order
 across types, `$and` / `$or` / `$not`, arithmetic (`$abs`, `$mod`, `$add`, `$subtract`, `$multiply`),
 `$in` and `$toHashedIndexKey`. Other operators go to mongomock's expression parser.
-
-`compile_match(query)` prepares a query once (per cursor) and returns the per-event predicate.
 """
 
 from __future__ import annotations
@@ -21,86 +13,14 @@ import decimal
 import math
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from bson import Binary, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
 from mongomock.aggregate import _parse_expression
-from mongomock.filtering import filter_applies
-from mongomock.helpers import patch_datetime_awareness_in_document
 
 from changeflow.testing.mongo_double.errors import MongoError
 from changeflow.testing.mongo_double.hashing import MISSING, to_hashed_index_key
-
-Predicate = Callable[[dict[str, Any]], bool]
-_LOGICAL = ("$and", "$or", "$nor")
-
-
-def compile_match(query: Any) -> Predicate:
-    """The predicate of one `$match` stage's query, prepared once."""
-    if not isinstance(query, Mapping):
-        raise MongoError(15959, "the match filter must be an expression in an object")
-    spec = comparable(patch_datetime_awareness_in_document(dict(query)))
-    expr = _has_expr(spec)
-
-    def predicate(doc: dict[str, Any]) -> bool:
-        # Ordering a decimal against a NaN must answer false (as mongod's NaN comparisons), not raise.
-        with decimal.localcontext(_QUIET):
-            if expr:
-                return _matches(spec, doc, _prepared(doc))
-            return bool(filter_applies(spec, _prepared(doc)))
-
-    return predicate
-
-
-_QUIET = decimal.Context(prec=34, traps=[decimal.DivisionByZero, decimal.Overflow])
-
-
-def _prepared(doc: dict[str, Any]) -> Any:
-    # As mongomock's own $match stage prepares documents, plus decimals it can compare.
-    return comparable(patch_datetime_awareness_in_document(doc))
-
-
-def comparable(value: Any) -> Any:
-    """`value` with every Decimal128 as decimal.Decimal (a NaN as float NaN: a NaN Decimal refuses to
-    be ordered, a float NaN compares false, as a NaN does in mongod's query comparisons)."""
-    if isinstance(value, Decimal128):
-        number = value.to_decimal()
-        return float("nan") if number.is_nan() else number
-    if isinstance(value, dict):
-        return {key: comparable(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [comparable(item) for item in value]
-    return value
-
-
-def _has_expr(spec: Any) -> bool:
-    if isinstance(spec, dict):
-        return any(key == "$expr" or (key in _LOGICAL and _has_expr(value)) for key, value in spec.items())
-    if isinstance(spec, list):
-        return any(_has_expr(item) for item in spec)
-    return False
-
-
-def _matches(spec: dict[str, Any], raw: dict[str, Any], doc: dict[str, Any]) -> bool:
-    """A query with `$expr` somewhere in its logical operators: clause by clause."""
-    for key, value in spec.items():
-        if key == "$expr":
-            ok = truthy(evaluate(value, raw))
-        elif key in _LOGICAL:
-            if not isinstance(value, list) or not value:
-                raise MongoError(2, f"{key} must be a nonempty array")
-            results = (_matches(item, raw, doc) for item in value)
-            ok = all(results) if key == "$and" else (any(results) if key == "$or" else not any(results))
-        else:
-            ok = bool(filter_applies({key: value}, doc))
-        if not ok:
-            return False
-    return True
-
-
-# ---------------------------------------------------------------------------------------------
-# Aggregation expressions
 
 
 def truthy(value: Any) -> bool:
