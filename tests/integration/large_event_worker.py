@@ -2,7 +2,8 @@
 
 The app is this repository's own (`worker.app`, tasks/app.py), same settings and tasks; before each
 task body runs, a summary of its event (sizes and digests of the large fields, not the fields) is
-inserted into `large_event_seen`, so a test can see the event a task ran with, as the worker decoded it.
+inserted into `large_event_seen` (one per event of a batched task), so a test can see the event a
+task ran with, as the worker decoded it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ def _recording(task: Task) -> None:
     body: Callable[..., Any] = task.run
 
     @wraps(body)
-    def run(event: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        get_db()[SEEN].insert_one(summary(task, event))
+    def run(event: dict[str, Any] | list[dict[str, Any]], *args: Any, **kwargs: Any) -> Any:
+        # A batched task (`batch=`) receives a list of events: one record per event.
+        events = event if isinstance(event, list) else [event]
+        get_db()[SEEN].insert_many([summary(task, one) for one in events])
         return body(event, *args, **kwargs)
 
     task.run = run  # IdempotentTask calls self.run: the instance attribute shadows the class's body
