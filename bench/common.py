@@ -17,6 +17,7 @@ from typing import Any
 
 import celery
 import kombu
+import psutil
 import pymongo
 import redis
 from bson import Decimal128, Int64, ObjectId, Timestamp
@@ -26,6 +27,7 @@ from changeflow.listener.checkpoints import CheckpointStore
 from changeflow.listener.publish import Publisher
 from changeflow.listener.stream import Listener
 from changeflow.worker.settings import Settings
+from harness.processes import ManagedProcess
 from worker import app as repo_app
 
 ROUTES = repo_app.routes  # this repository's app (tasks/): the card's routes
@@ -205,3 +207,23 @@ class Timer:
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
         self.cpu_seconds = time.process_time() - self.cpu_start
+
+
+def wait_drained(client: redis.Redis, worker: ManagedProcess, deadline: float) -> None:
+    """Until the queue is empty and nothing is unacked: every message ran (and was acked)."""
+    while client.llen("celery") or client.hlen("unacked"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker did not finish:\n{worker.log_text()[-3000:]}")
+        time.sleep(0.01)
+
+
+def tree_cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds of `process` and its living children (a prefork worker's pool)."""
+    total = 0.0
+    for one in [process, *process.children(recursive=True)]:
+        try:
+            times = one.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total

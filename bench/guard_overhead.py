@@ -29,7 +29,7 @@ import psutil
 import redis
 from celery import Celery
 
-from bench.common import Timer, change_events, machine, median
+from bench.common import Timer, change_events, machine, median, tree_cpu_seconds, wait_drained
 from changeflow.listener.pipelined import PipelinedPublisher
 from changeflow.listener.publish import Message
 from changeflow.worker.app import celery_config
@@ -44,19 +44,6 @@ POOLS = {
     "prefork": ["--concurrency", "1"],
     "threads": ["-P", "threads", "--concurrency", "8", "--prefetch-multiplier", "8"],
 }
-
-
-def _cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children alive now (a worker's pool processes)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def run_once(server: RedisServer, variant: str, pool: str, count: int, offset: int) -> tuple[float, float]:
@@ -82,15 +69,11 @@ def run_once(server: RedisServer, variant: str, pool: str, count: int, offset: i
     publisher = PipelinedPublisher(app)
     worker.start(timeout=60)
     try:
-        cpu_before = _cpu_seconds(worker.pid)
+        cpu_before = tree_cpu_seconds(psutil.Process(worker.pid))
         with Timer() as t:
             assert publisher.publish(messages) == []
-            deadline = time.monotonic() + 300
-            while client.llen("celery") or client.hlen("unacked"):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"worker did not finish:\n{worker.log_text()[-3000:]}")
-                time.sleep(0.01)
-        cpu = _cpu_seconds(worker.pid) - cpu_before
+            wait_drained(client, worker, time.monotonic() + 300)
+        cpu = tree_cpu_seconds(psutil.Process(worker.pid)) - cpu_before
         if variant == "changeflow":
             keys = [f"changeflow:done:{m.task_id}" for m in messages]
             # The last message can be between the worker's pop and its unacked record when the loop

@@ -30,7 +30,7 @@ import psutil
 import redis
 from celery import Celery
 
-from bench.common import Timer, change_events, machine
+from bench.common import Timer, change_events, machine, tree_cpu_seconds, wait_drained
 from changeflow.listener.pipelined import PipelinedPublisher
 from changeflow.listener.publish import Message
 from changeflow.worker.app import celery_config
@@ -64,26 +64,6 @@ def welcome_events(count: int, offset: int) -> list[dict[str, Any]]:
         if event["ns"]["coll"] == "users":
             events.append(event)
     return events[:count]
-
-
-def wait_drained(client: redis.Redis, worker: ManagedProcess, deadline: float) -> None:
-    """Until the queue is empty and nothing is unacked: every message ran (and was acked)."""
-    while client.llen("celery") or client.hlen("unacked"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"worker did not finish:\n{worker.log_text()[-3000:]}")
-        time.sleep(0.01)
-
-
-def tree_cpu_seconds(process: psutil.Process) -> float:
-    """User + system CPU seconds of `process` and its living children (a prefork worker's pool)."""
-    total = 0.0
-    for one in [process, *process.children(recursive=True)]:
-        try:
-            times = one.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def run_once(

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from bench.common import Timer, change_events, machine
+from bench.common import Timer, change_events, machine, wait_drained
 from changeflow.listener.pipelined import PipelinedPublisher
 from changeflow.listener.publish import Message
 from changeflow.worker.app import celery_config
@@ -53,11 +53,7 @@ def run_once(server: RedisServer, processes: int, count: int, offset: int) -> fl
     try:
         with Timer() as t:
             assert publisher.publish(messages) == []
-            deadline = time.monotonic() + 300
-            while client.llen("celery") or client.hlen("unacked"):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"worker did not finish:\n{worker.log_text()[-3000:]}")
-                time.sleep(0.01)
+            wait_drained(client, worker, time.monotonic() + 300)
         keys = [f"changeflow:done:{m.task_id}" for m in messages]
         done = sum(client.exists(*keys[i : i + 1000]) for i in range(0, len(keys), 1000))
         if done != count:
