@@ -7,8 +7,10 @@ such a gap in `changeflow_gaps` (in MONGODB_DB) before it exits or resumes from 
     {_id: "<stream>-<10 hex>",                 # derived from stream + from.token: one record per gap
      stream,
      from: {token, time},                      # the checkpoint (last delivered position) and its time
-     to: {time, token},                        # where the listener started again (token null until
+     to: {time, token,                         # where the listener started again (token null until
                                                # a listener resumed with --on-history-lost=resume-now)
+          delivered: [{coll, id}]},            # inserts created inside the window that the resumed
+                                               # stream delivered (late writes): reconcile skips them
      detected_at, last_detected_at, detections, # detections: how many starts hit this gap
      resolved: false, resolution: null}         # set by `python -m listener reconcile --gap ID`
 
@@ -20,8 +22,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.database import Database
@@ -29,10 +32,71 @@ from pymongo.database import Database
 COLLECTION = "changeflow_gaps"
 
 
+def as_utc(value: datetime) -> datetime:
+    """BSON dates come back naive (UTC) unless the client is tz-aware."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def gap_id(stream: str, from_token: Mapping[str, Any] | None) -> str:
     data = str((from_token or {}).get("_data", ""))
     digest = hashlib.sha1((stream + "\n" + data).encode()).hexdigest()[:10]
     return f"{stream}-{digest}"
+
+
+@dataclass(frozen=True)
+class GapEnd:
+    """A resumed gap whose window late inserts can still fall into."""
+
+    identifier: str
+    since: datetime
+    until: datetime
+
+
+def creation_times(document: Mapping[str, Any], changed_at: Iterable[str]) -> list[datetime]:
+    """When `document` was created, as reconcile tells it: its ObjectId `_id`, its `changed_at` fields."""
+    from bson import ObjectId
+
+    times = []
+    if isinstance(document.get("_id"), ObjectId):
+        times.append(document["_id"].generation_time)
+    for name in changed_at:
+        value = document.get(name)
+        if isinstance(value, datetime):
+            times.append(as_utc(value))
+    return times
+
+
+def in_window(when: datetime, since: datetime, until: datetime) -> bool:
+    """Whether a creation time falls in reconcile's window: ObjectIds hold whole seconds, so the
+    window's first and last seconds count entirely."""
+    return since.replace(microsecond=0) <= when < until.replace(microsecond=0) + timedelta(seconds=1)
+
+
+def late_inserts(
+    events: Iterable[Mapping[str, Any]],
+    ends: Sequence[GapEnd],
+    insert_routes: Mapping[str, Sequence[str]],
+) -> dict[str, list[dict[str, Any]]]:
+    """Per gap, the insert events among `events` whose document was created inside its window.
+
+    `insert_routes`: the collections with insert routes, each with its routes' `changed_at` fields.
+    The resumed stream delivered these: an application wrote them a little late (or its clock is
+    behind), so their creation time says "inside the gap" although their event was not lost.
+    """
+    found: dict[str, list[dict[str, Any]]] = {}
+    if not ends:
+        return found
+    for event in events:
+        coll = (event.get("ns") or {}).get("coll")
+        if event.get("operationType") != "insert" or coll not in insert_routes:
+            continue
+        document = dict(event.get("fullDocument") or {})
+        document["_id"] = (event.get("documentKey") or {}).get("_id")
+        times = creation_times(document, insert_routes[coll])
+        for end in ends:
+            if any(in_window(when, end.since, end.until) for when in times):
+                found.setdefault(end.identifier, []).append({"coll": coll, "id": document["_id"]})
+    return found
 
 
 class GapStore:
@@ -80,6 +144,21 @@ class GapStore:
         """The listener started again at `token` (server time `time`): the gap's end is known."""
         self.collection.update_one(
             {"_id": identifier}, {"$set": {"to": {"time": time, "token": dict(token) if token else None}}}
+        )
+
+    def ends(self, stream: str) -> list[GapEnd]:
+        """The unresolved gaps of `stream` that a listener resumed after (their window is known)."""
+        ends = []
+        for gap in self.collection.find({"stream": stream, "resolved": False, "to.token": {"$ne": None}}):
+            since, until = (gap.get("from") or {}).get("time"), gap["to"].get("time")
+            if isinstance(since, datetime) and isinstance(until, datetime):
+                ends.append(GapEnd(gap["_id"], as_utc(since), as_utc(until)))
+        return ends
+
+    def delivered(self, identifier: str, inserts: Sequence[Mapping[str, Any]]) -> None:
+        """Note inserts created inside the gap's window that the resumed stream delivered."""
+        self.collection.update_one(
+            {"_id": identifier}, {"$addToSet": {"to.delivered": {"$each": [dict(each) for each in inserts]}}}
         )
 
     def get(self, identifier: str) -> dict[str, Any] | None:
@@ -137,4 +216,4 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout) -> int:
 def _iso(value: Any) -> str:
     if not isinstance(value, datetime):
         return "?"
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    return as_utc(value).isoformat()

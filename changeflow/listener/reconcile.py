@@ -19,12 +19,17 @@ workers' dedup guard runs each once): `{"_data": "reconcile:<coll>:<_id>"}` for 
 
 What it cannot recover: deletes; updates to documents created before the window on collections
 without `changed_at`; several updates of one document (one event, with the current state); the
-intermediate states of any document. At the window's end, documents created in its last
-seconds whose insert event the resumed stream delivered are left out (looked up in the oplog after
-the gap's `to.token`; if that is gone too, they are emitted). At its start nothing can be checked
-(that history is lost): a document created in the window's first (partial) second whose real
-event was delivered before the gap gets its tasks a second time, under a different task id. Check
-with --dry-run.
+intermediate states of any document.
+
+At the window's end, documents created inside it whose insert event the resumed stream delivered
+(written late, or created in its last seconds) are left out. The listener notes such inserts in
+the gap record (`to.delivered`) before it saves each checkpoint; reconcile reads the stream's
+checkpoint, then those notes, then looks up the inserts of documents created in the window's last
+seconds in the oplog after the gap's `to.token`, or, once that has left the oplog, after the
+checkpoint (whatever the listener delivered before it is noted). Only if both have left the oplog
+are those emitted, a second time. At its start nothing can be checked (that history is lost): a
+document created in the window's first (partial) second whose real event was delivered before the
+gap gets its tasks a second time, under a different task id. Check with --dry-run.
 
 Exit codes: 0 done (or dry run), 1 broker or MongoDB unavailable (rerunning is safe: same task ids),
 2 usage (bad flags or settings, unknown gap, gap without an end yet).
@@ -39,6 +44,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+
+from changeflow.listener.gaps import as_utc
 
 if TYPE_CHECKING:
     from pymongo.database import Database
@@ -71,10 +78,6 @@ def _timestamp(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _id_text(value: Any) -> str:
     from bson import ObjectId
 
@@ -91,7 +94,7 @@ def window_of_gap(gap: Mapping[str, Any]) -> tuple[datetime, datetime]:
             f"gap {gap['_id']} has no end yet: no listener resumed after it. Start the listener with "
             "--on-history-lost=resume-now first (or give --since/--until)"
         )
-    return _utc(start), _utc(end["time"])
+    return as_utc(start), as_utc(end["time"])
 
 
 def synthetic_events(
@@ -99,13 +102,16 @@ def synthetic_events(
     routes: Sequence[Route],
     since: datetime,
     until: datetime,
-    resumed_at: Mapping[str, Any] | None = None,
+    resumed_at: Sequence[Mapping[str, Any]] = (),
     out: Any = None,
+    noted: Sequence[Mapping[str, Any]] = (),
 ) -> Iterator[Synthetic]:
     """The synthetic events of documents written in [since, until], collection by collection.
 
-    `resumed_at`: the token the listener resumed at after the gap. Documents created in the window's
-    last seconds whose insert event the resumed stream delivered are left out (checked in the oplog).
+    Documents whose insert event the resumed stream delivered are left out: those in `noted` (the
+    gap's `to.delivered`), and those created in the window's last seconds whose insert is in the
+    oplog after one of the `resumed_at` tokens (the first one still there: the gap's end, then the
+    checkpoint).
     """
     from bson import ObjectId
 
@@ -131,9 +137,10 @@ def synthetic_events(
             for field in dict.fromkeys(r.changed_at for r in inserts if r.changed_at):
                 assert field is not None
                 for doc in collection.find({field: {"$gte": since, "$lte": until}}).sort(field, 1):
-                    found.append((doc, _utc(doc[field])))
+                    found.append((doc, as_utc(doc[field])))
             edge = until.replace(microsecond=0) - timedelta(seconds=1)
-            delivered = delivered_after(
+            delivered = {_id_text(each["id"]) for each in noted if each.get("coll") == name}
+            delivered |= delivered_after(
                 db, name, [doc["_id"] for doc, when in found if when >= edge], resumed_at
             )
             for doc, when in found:
@@ -155,7 +162,7 @@ def synthetic_events(
                 key = _id_text(doc["_id"])
                 if key in created:
                     continue  # its insert carries the current state already
-                when = _utc(doc[field])
+                when = as_utc(doc[field])
                 updated = (
                     {route.when.field: doc[route.when.field]}
                     if route.when and route.when.field in doc
@@ -174,29 +181,37 @@ def synthetic_events(
 
 
 def delivered_after(
-    db: Database, collection: str, ids: Sequence[Any], token: Mapping[str, Any] | None
+    db: Database, collection: str, ids: Sequence[Any], tokens: Sequence[Mapping[str, Any]]
 ) -> set[str]:
-    """Which of `ids` have an insert event on `collection` after `token` (the resumed stream's start).
+    """Which of `ids` have an insert event on `collection` after the first of `tokens` in the oplog.
 
-    Reads the oplog from `token` up to now, filtered server-side. If `token` is no longer in the
-    oplog nothing can be told: an empty set (those documents are emitted, possibly a second time).
+    Reads the oplog from that token up to now, filtered server-side. If no token is in the oplog any
+    more nothing can be told: an empty set (those documents are emitted, possibly a second time).
     """
     from pymongo.errors import OperationFailure
 
-    if not ids or token is None:
+    if not ids:
         return set()
     pipeline = [
         {"$match": {"ns.coll": collection, "operationType": "insert", "documentKey._id": {"$in": list(ids)}}}
     ]
-    found: set[str] = set()
-    try:
-        with db.watch(pipeline, start_after=dict(token), max_await_time_ms=200) as stream:
-            while (event := stream.try_next()) is not None:
-                found.add(_id_text(event["documentKey"]["_id"]))
-    except OperationFailure as exc:
-        log.warning("cannot check %s inserts after the gap's end (%s): emitting them all", collection, exc)
-        return set()
-    return found
+    for token in tokens:
+        found: set[str] = set()
+        try:
+            with db.watch(pipeline, start_after=dict(token), max_await_time_ms=200) as stream:
+                while (event := stream.try_next()) is not None:
+                    found.add(_id_text(event["documentKey"]["_id"]))
+        except OperationFailure as exc:
+            log.info("cannot read %s inserts after %s: %s", collection, token, exc)
+            continue
+        return found
+    if tokens:
+        log.warning(
+            "cannot check %s inserts after the gap's end or the checkpoint (both left the oplog): "
+            "emitting the window's last seconds' documents not noted as delivered",
+            collection,
+        )
+    return set()
 
 
 def _event(
@@ -219,7 +234,8 @@ def reconcile(
     since: datetime,
     until: datetime,
     *,
-    resumed_at: Mapping[str, Any] | None = None,
+    resumed_at: Sequence[Mapping[str, Any]] = (),
+    noted: Sequence[Mapping[str, Any]] = (),
     dry_run: bool = False,
     batch_size: int = 500,
     out: Any = sys.stdout,
@@ -238,7 +254,7 @@ def reconcile(
         counts["dead_letters"] += len(rejected)
         batch.clear()
 
-    for synthetic in synthetic_events(db, routes, since, until, resumed_at, out):
+    for synthetic in synthetic_events(db, routes, since, until, resumed_at, out, noted):
         counts["events"] += 1
         event = synthetic.event
         tasks = ", ".join(m.task_name for m in synthetic.messages)
@@ -293,6 +309,7 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout, *, app: str |
         from pymongo.errors import ConfigurationError, PyMongoError
 
         from changeflow.app import load_app
+        from changeflow.listener.checkpoints import CheckpointStore
         from changeflow.listener.gaps import GapStore
         from changeflow.listener.publish import BrokerUnavailable, make_publisher
         from changeflow.worker.serialization import MONGO_CLIENT_OPTIONS
@@ -317,17 +334,21 @@ def main(argv: Sequence[str] | None = None, out: Any = sys.stdout, *, app: str |
             if gap is None:
                 raise UsageError(f"no gap {args.gap!r} in {gaps.collection.name}")
             since, until = window_of_gap(gap)
-            resumed_at = gap["to"]["token"]
+            # In this order: the checkpoint, then the notes of inserts the listener delivered before it
+            # (it notes before it saves), then (synthetic_events) the oplog after the checkpoint.
+            checkpoint = CheckpointStore(db).load(gap["stream"])
+            noted = (gaps.get(args.gap) or gap)["to"].get("delivered") or []
+            resumed_at = [gap["to"]["token"], *([checkpoint] if checkpoint else [])]
             if gap.get("resolved"):
                 print(f"note: gap {args.gap} was already resolved; emitting again (same task ids)", file=out)
         else:
             since, until = args.since, args.until or datetime.now(UTC)
-            resumed_at = None
+            resumed_at, noted = [], []
         if until < since:
             raise UsageError(f"empty window: {until.isoformat()} is before {since.isoformat()}")
         counts = reconcile(
             db, make_publisher(settings, changeflow_app), changeflow_app.routes, since, until,
-            resumed_at=resumed_at,
+            resumed_at=resumed_at, noted=noted,
             dry_run=args.dry_run, batch_size=settings.listener_batch_size, out=out,
         )  # fmt: skip
         verb = "would publish" if args.dry_run else "published"

@@ -64,7 +64,7 @@ from changeflow.listener.checkpoints import CheckpointStore, FencedOut, ResumeTo
 from changeflow.listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
 from changeflow.listener.fragments import SPLIT_STAGE, FragmentError, Reassembler, server_splits_large_events
 from changeflow.listener.gaps import COLLECTION as GAPS_COLLECTION
-from changeflow.listener.gaps import GapStore
+from changeflow.listener.gaps import GapEnd, GapStore, late_inserts
 from changeflow.listener.health import HealthFile
 from changeflow.listener.lease import Lease, LeaseLost, server_clock
 from changeflow.listener.metrics import ListenerMetrics, event_time
@@ -138,6 +138,7 @@ class Batch:
     token: ResumeToken | None  # the checkpoint once the batch is delivered
     time: datetime | None = None  # the time of that position (the last event's wallTime)
     rejected: list[Rejected] = field(default_factory=list)
+    late: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # gap id -> inserts to note
 
 
 @dataclass
@@ -221,6 +222,15 @@ class Listener:
         self._unsaved_events = False  # events delivered since the last checkpoint save
         self._summary_at = 0.0
         self._open_gap: str | None = None  # a gap whose end is the next opened stream's start
+        # Resumed gaps not reconciled yet: inserts created inside their windows are noted when
+        # delivered, so reconcile leaves them out even once the gap's end is gone from the oplog.
+        self._gap_ends: list[GapEnd] = []
+        self._insert_routes: dict[str, list[str]] = {}
+        for route in self.routes:
+            if "insert" in route.operation_types:
+                fields = self._insert_routes.setdefault(route.collection, [])
+                if route.changed_at and route.changed_at not in fields:
+                    fields.append(route.changed_at)
         self._fragments = Reassembler()  # a split event (over 16 MB) being read (fragments.py)
         self._splits: bool | None = None  # the server has $changeStreamSplitLargeEvent (None: not asked)
         self._standby_seen: tuple[str, int] | None = None
@@ -372,6 +382,8 @@ class Listener:
                 self._time_source = "unknown"
         self.stats.checkpoint = self._saved
         self.metrics.checkpoint(self._position_time if self._saved is not None else None)
+        if self._insert_routes:
+            self._gap_ends = self._gap_store().ends(self.stream_name)
         if self._saved is None:
             log.info("no checkpoint for stream %s: starting now", self.stream_name)
         else:
@@ -419,6 +431,8 @@ class Listener:
         if self._open_gap is not None:
             # Resumed from now after lost history: the gap ends where this stream starts.
             self._gap_store().resumed(self._open_gap, self._server_now(), stream.resume_token)
+            if self._insert_routes:
+                self._gap_ends = self._gap_store().ends(self.stream_name)
             log.warning(
                 "gap %s on stream %s ends at %s: the stream continues from there",
                 self._open_gap, self.stream_name, _show(stream.resume_token),
@@ -449,7 +463,13 @@ class Listener:
             self._beat()  # a getMore returned: the loop is alive
             self._keep_lease()
             if events:
-                self._pending = Batch(len(events), self._messages(events), token, event_time(events[-1]))
+                self._pending = Batch(
+                    len(events),
+                    self._messages(events),
+                    token,
+                    event_time(events[-1]),
+                    late=late_inserts(events, self._gap_ends, self._insert_routes),
+                )
                 self._advance(token, self._pending.time or started)
                 self._deliver_pending()
             else:
@@ -565,6 +585,10 @@ class Listener:
             self.metrics.dead_lettered(batch.rejected[0].message.task_name)
             batch.rejected.pop(0)
             self.stats.dead_letters += 1
+        while batch.late:  # before the checkpoint: reconcile reads these, then scans from the checkpoint
+            gap = next(iter(batch.late))
+            self._gap_store().delivered(gap, batch.late[gap])
+            del batch.late[gap]
         if self._since_saved() >= self.settings.listener_checkpoint_interval_ms / 1000:
             self._checkpoint(batch.token, batch.time)
         else:

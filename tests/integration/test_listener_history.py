@@ -179,6 +179,40 @@ def test_resume_now_records_the_gap_continues_and_reconcile_re_emits_the_gap(
     assert resumed.finish() == EXIT_OK
 
 
+def test_a_late_insert_the_listener_noted_is_left_out_once_the_oplog_has_rolled_past(
+    tiny_oplog: tuple[dict[str, str], Any], redis_server: RedisServer, processes: list[Process]
+) -> None:
+    env, db = tiny_oplog
+    queue = Queue(redis_server.url)
+    gap_ids = listener_run_then_lose_history(env, db, queue, processes, gap_users=2)
+    resumed = Process({**env, "LISTENER_ON_HISTORY_LOST": "resume-now"})
+    processes.append(resumed)
+    resumed.wait_for_line("listener ready")
+    gap = db[GAPS].find_one()
+    assert gap is not None and gap["to"]["token"] is not None
+
+    # Written after the resume with an ObjectId inside the window (a late write): delivered live,
+    # and noted in the gap record before the checkpoint moves past it.
+    late_id = ObjectId.from_datetime(gap["to"]["time"])
+    db.users.insert_one({"_id": late_id, "email": "late@example.com"})
+    wait_for(
+        lambda: any(
+            each["id"] == late_id for each in (db[GAPS].find_one() or {}).get("to", {}).get("delivered", [])
+        ),
+        "the late insert noted in the gap record",
+    )
+    resumed.popen.terminate()
+    assert resumed.finish() == EXIT_OK
+    db.audit.insert_many([{"n": n} for n in range(60)])  # the gap's end and the checkpoint roll off
+
+    dry = reconcile(env, "--gap", gap["_id"], "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "both left the oplog" in dry.stderr  # the oplog cannot tell: only the note can
+    assert f"skip insert users/{late_id}: delivered by the resumed stream" in dry.stdout
+    emitted = [line.split()[3] for line in dry.stdout.splitlines() if line.startswith("would emit")]
+    assert sorted(emitted) == sorted(f"users/{user_id}" for user_id in gap_ids)
+
+
 def test_reconcile_refuses_a_gap_without_an_end_and_unknown_gaps(
     tiny_oplog: tuple[dict[str, str], Any], redis_server: RedisServer, processes: list[Process]
 ) -> None:

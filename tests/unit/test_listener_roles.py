@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from bson import ObjectId
 from pymongo.errors import OperationFailure
 
 from changeflow.listener.checkpoints import FencedOut
 from changeflow.listener.exit_codes import EXIT_HISTORY_LOST, EXIT_OK
 from changeflow.listener.lease import Holder, LeaseLost
-from tests.unit.test_listener_stream import FakeDatabase, Journal, make_listener, task_ids, token, user_insert
+from tests.unit.test_listener_stream import (
+    FakeDatabase,
+    FakeGaps,
+    Journal,
+    make_listener,
+    task_ids,
+    token,
+    user_insert,
+)
 
 
 class FakeLease:
@@ -123,21 +132,6 @@ def test_fenced_checkpoint_goes_back_to_standby(caplog: pytest.LogCaptureFixture
     assert journal.checkpoints() == []
 
 
-class FakeGaps:
-    def __init__(self) -> None:
-        self.records: list[tuple[Any, ...]] = []
-        self.resumed_at: list[Any] = []
-
-    def record(
-        self, stream: str, from_token: Any, from_time: Any, to_time: Any, time_source: str = ""
-    ) -> str:
-        self.records.append((stream, from_token, from_time, time_source))
-        return "gap-1"
-
-    def resumed(self, identifier: str, time: Any, token: Any) -> None:
-        self.resumed_at.append((identifier, token))
-
-
 def test_history_lost_fail_records_the_gap_and_exits_3(caplog: pytest.LogCaptureFixture) -> None:
     lost = OperationFailure("resume point no longer in the oplog", code=286)
     db, journal, gaps = FakeDatabase(lost), Journal(saved=token(5)), FakeGaps()
@@ -163,3 +157,22 @@ def test_history_lost_resume_now_records_the_gap_and_starts_now(caplog: pytest.L
         ("checkpoint", token(9)),
     ]
     assert any(r.levelno == logging.WARNING and "gap gap-1" in r.message for r in caplog.records)
+
+
+def test_a_late_insert_after_a_resume_is_noted_in_the_gap_before_the_checkpoint() -> None:
+    lost = OperationFailure("resume point no longer in the oplog", code=286)
+    gaps = FakeGaps(since=datetime(2026, 12, 1, tzinfo=UTC), until=datetime(2026, 12, 1, 0, 10, tzinfo=UTC))
+    late, live = user_insert(9), user_insert(10)
+    late["documentKey"]["_id"] = late["fullDocument"]["_id"] = ObjectId.from_datetime(gaps.until)
+    live["documentKey"]["_id"] = live["fullDocument"]["_id"] = ObjectId.from_datetime(
+        gaps.until + timedelta(seconds=1)
+    )  # created after the window: not noted
+    db, journal = FakeDatabase(lost, [late, live], initial_token=token(8)), Journal(saved=token(5))
+    gaps.journal = journal
+    assert make_listener(db, journal, gaps=gaps, on_history_lost="resume-now").run() == EXIT_OK
+    assert journal.entries == [
+        ("checkpoint", token(8)),
+        ("publish", task_ids(late, live)),
+        ("gap-delivered", ("gap-1", [{"coll": "users", "id": late["documentKey"]["_id"]}])),
+        ("checkpoint", token(10)),
+    ]

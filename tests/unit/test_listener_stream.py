@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,6 +16,7 @@ from pymongo.errors import AutoReconnect, OperationFailure
 from changeflow.listener.backoff import Backoff
 from changeflow.listener.checkpoints import Checkpoint
 from changeflow.listener.exit_codes import EXIT_FATAL, EXIT_HISTORY_LOST, EXIT_OK, EXIT_USAGE
+from changeflow.listener.gaps import GapEnd
 from changeflow.listener.publish import BrokerUnavailable, Message, Rejected
 from changeflow.listener.stream import Listener, is_resumable
 from changeflow.worker.settings import Settings
@@ -122,6 +124,35 @@ class FakeDatabase:
         return FakeStream(script, start, self.listener.stop if not self.scripts else lambda: None)
 
 
+class FakeGaps:
+    """The gap store: what was recorded, resumed and noted; the resumed gap has the window given."""
+
+    def __init__(self, since: datetime | None = None, until: datetime | None = None) -> None:
+        self.records: list[tuple[Any, ...]] = []
+        self.resumed_at: list[Any] = []
+        self.since, self.until = since, until
+        self.journal: Journal | None = None  # where noted inserts go, in order with the rest
+
+    def record(
+        self, stream: str, from_token: Any, from_time: Any, to_time: Any, time_source: str = ""
+    ) -> str:
+        self.records.append((stream, from_token, from_time, time_source))
+        return "gap-1"
+
+    def resumed(self, identifier: str, time: Any, token: Any) -> None:
+        self.resumed_at.append((identifier, token))
+
+    def ends(self, stream: str) -> list[GapEnd]:
+        assert stream == STREAM
+        if not self.resumed_at or self.since is None or self.until is None:
+            return []
+        return [GapEnd(self.resumed_at[-1][0], self.since, self.until)]
+
+    def delivered(self, identifier: str, inserts: Sequence[Mapping[str, Any]]) -> None:
+        assert self.journal is not None, "a note no test expected"
+        self.journal.entries.append(("gap-delivered", (identifier, [dict(each) for each in inserts])))
+
+
 class Journal:
     """One ordered record of what the publisher, dead letters and checkpoints saw."""
 
@@ -180,6 +211,7 @@ def make_listener(
         listener_checkpoint_interval_ms=checkpoint_interval_ms,
     )
     kwargs.setdefault("backoff", Backoff(base=0.001, cap=0.002))
+    kwargs.setdefault("gaps", FakeGaps())
     listener = Listener(
         db,  # type: ignore[arg-type]
         journal,
