@@ -30,6 +30,10 @@ from typing import Any
 from pymongo.database import Database
 
 COLLECTION = "changeflow_gaps"
+# Inserts delivered after a resume are noted only if created this close to the gap's end: late writes
+# in flight at the resume. Older creation times (a restore of old documents, say) would only grow the
+# record; reconcile's oplog check covers the last two seconds anyway.
+LATE_WRITE_SECONDS = 60
 
 
 def as_utc(value: datetime) -> datetime:
@@ -77,7 +81,8 @@ def late_inserts(
     ends: Sequence[GapEnd],
     insert_routes: Mapping[str, Sequence[str]],
 ) -> dict[str, list[dict[str, Any]]]:
-    """Per gap, the insert events among `events` whose document was created inside its window.
+    """Per gap, the insert events among `events` whose document was created inside its window, at
+    most LATE_WRITE_SECONDS before its end.
 
     `insert_routes`: the collections with insert routes, each with its routes' `changed_at` fields.
     The resumed stream delivered these: an application wrote them a little late (or its clock is
@@ -94,7 +99,8 @@ def late_inserts(
         document["_id"] = (event.get("documentKey") or {}).get("_id")
         times = creation_times(document, insert_routes[coll])
         for end in ends:
-            if any(in_window(when, end.since, end.until) for when in times):
+            since = max(end.since, end.until - timedelta(seconds=LATE_WRITE_SECONDS))
+            if any(in_window(when, since, end.until) for when in times):
                 found.setdefault(end.identifier, []).append({"coll": coll, "id": document["_id"]})
     return found
 

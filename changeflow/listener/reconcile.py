@@ -22,8 +22,8 @@ without `changed_at`; several updates of one document (one event, with the curre
 intermediate states of any document.
 
 At the window's end, documents created inside it whose insert event the resumed stream delivered
-(written late, or created in its last seconds) are left out. The listener notes such inserts in
-the gap record (`to.delivered`) before it saves each checkpoint; reconcile reads the stream's
+(written late, or created in its last seconds) are left out. The listener notes such inserts of the
+window's last minute in the gap record (`to.delivered`) before it saves each checkpoint; reconcile reads the stream's
 checkpoint, then those notes, then looks up the inserts of documents created in the window's last
 seconds in the oplog after the gap's `to.token`, or, once that has left the oplog, after the
 checkpoint (whatever the listener delivered before it is noted). Only if both have left the oplog

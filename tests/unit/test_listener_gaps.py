@@ -7,7 +7,7 @@ from typing import Any
 
 from bson import ObjectId
 
-from changeflow.listener.gaps import GapEnd, creation_times, in_window, late_inserts
+from changeflow.listener.gaps import LATE_WRITE_SECONDS, GapEnd, creation_times, in_window, late_inserts
 
 SINCE = datetime(2026, 12, 4, 12, 0, 0, 500_000, tzinfo=UTC)
 UNTIL = datetime(2026, 12, 4, 12, 5, 0, 250_000, tzinfo=UTC)
@@ -48,18 +48,27 @@ def test_only_inserts_created_inside_a_window_on_insert_routed_collections_are_n
         insert("users", outside),
         insert("audit", ObjectId.from_datetime(UNTIL)),  # no insert route
         {**insert("users", inside), "operationType": "update"},
-        insert("orders", 42, created_at=SINCE.replace(tzinfo=None)),  # changed_at inside
+        insert("orders", 42, created_at=(UNTIL - timedelta(seconds=30)).replace(tzinfo=None)),
         insert("orders", 43, created_at=UNTIL + timedelta(seconds=2)),
+        # Inside the window but long before its end: not a write in flight at the resume.
+        insert("users", ObjectId.from_datetime(UNTIL - timedelta(seconds=LATE_WRITE_SECONDS + 1))),
     ]
     assert late_inserts(events, [END], INSERTS) == {
         "gap-1": [{"coll": "users", "id": inside}, {"coll": "orders", "id": 42}]
     }
     assert late_inserts(events, [], INSERTS) == {}
+    short = GapEnd("gap-3", UNTIL - timedelta(seconds=5), UNTIL)  # a window shorter than a minute
+    assert (
+        late_inserts(
+            [insert("users", ObjectId.from_datetime(UNTIL - timedelta(seconds=6)))], [short], INSERTS
+        )
+        == {}
+    )
 
 
 def test_an_insert_inside_two_windows_is_noted_in_both() -> None:
     other = GapEnd("gap-2", SINCE - timedelta(hours=1), UNTIL)
-    oid = ObjectId.from_datetime(SINCE + timedelta(minutes=1))
+    oid = ObjectId.from_datetime(UNTIL - timedelta(seconds=10))
     assert late_inserts([insert("users", oid)], [END, other], INSERTS) == {
         "gap-1": [{"coll": "users", "id": oid}],
         "gap-2": [{"coll": "users", "id": oid}],
