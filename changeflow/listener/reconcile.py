@@ -23,13 +23,13 @@ intermediate states of any document.
 
 At the window's end, documents created inside it whose insert event the resumed stream delivered
 (written late, or created in its last seconds) are left out. The listener notes such inserts of the
-window's last minute in the gap record (`to.delivered`) before it saves each checkpoint; reconcile reads the stream's
-checkpoint, then those notes, then looks up the inserts of documents created in the window's last
-seconds in the oplog after the gap's `to.token`, or, once that has left the oplog, after the
-checkpoint (whatever the listener delivered before it is noted). Only if both have left the oplog
-are those emitted, a second time. At its start nothing can be checked (that history is lost): a
-document created in the window's first (partial) second whose real event was delivered before the
-gap gets its tasks a second time, under a different task id. Check with --dry-run.
+window's last minute in the gap record (`to.delivered`) before it saves each checkpoint; reconcile
+reads the stream's checkpoint, then those notes, then looks up the inserts of documents created in
+the window's last seconds in the oplog after the gap's `to.token`, or, once that has left the oplog,
+after the checkpoint (whatever the listener delivered before it is noted). Only if both have left
+the oplog are those emitted, a second time. At its start nothing can be checked (that history is
+lost): a document created in the window's first (partial) second whose real event was delivered
+before the gap gets its tasks a second time, under a different task id. Check with --dry-run.
 
 Exit codes: 0 done (or dry run), 1 broker or MongoDB unavailable (rerunning is safe: same task ids),
 2 usage (bad flags or settings, unknown gap, gap without an end yet).
