@@ -24,6 +24,7 @@ from bson import Decimal128, Int64, ObjectId, Timestamp
 from pymongo.database import Database
 
 from changeflow.listener.checkpoints import CheckpointStore
+from changeflow.listener.gaps import GapStore
 from changeflow.listener.publish import Publisher
 from changeflow.listener.stream import Listener
 from changeflow.worker.settings import Settings
@@ -174,6 +175,7 @@ def run_listener_core(
         ROUTES,
         settings=settings,
         summary_seconds=3600,
+        gaps=GapStore(checkpoint_db),  # beside the checkpoints: the watched database is a stand-in
     )
     db.listener = listener
     code = listener.run()

@@ -125,6 +125,10 @@ def test_credentials_mongodb_refuses_stop_the_listener_with_the_usage_code(
     assert "retrying" not in output
 
 
+# The `celery` console script installed beside this Python (the virtualenv's bin, on PATH or not).
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
 def test_the_worker_refuses_bad_settings_in_one_line(redis_server: RedisServer, tmp_path: Path) -> None:
     environment = {
         **os.environ,
@@ -132,7 +136,7 @@ def test_the_worker_refuses_bad_settings_in_one_line(redis_server: RedisServer, 
         "CELERY_BROKER_URL": f"redis://:{SECRET}@127.0.0.1:{redis_server.port}/0",
         "DEDUP_TTL_SECONDS": "0",
     }
-    for command in (["celery"], [sys.executable, "-m", "celery"]):
+    for command in ([CELERY], [sys.executable, "-m", "celery"]):
         done = subprocess.run(
             [*command, "-A", "worker", "worker", "--loglevel", "INFO"],
             cwd=ROOT,
@@ -148,7 +152,7 @@ def test_the_worker_refuses_bad_settings_in_one_line(redis_server: RedisServer, 
 
     broker = {**environment, "DEDUP_TTL_SECONDS": "", "CELERY_BROKER_URL": f"amqp://guest:{SECRET}@rabbit//"}
     done = subprocess.run(
-        ["celery", "-A", "worker", "worker"],
+        [CELERY, "-A", "worker", "worker"],
         cwd=ROOT,
         env=broker,
         capture_output=True,
