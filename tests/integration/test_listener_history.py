@@ -65,6 +65,20 @@ def listener_run_then_lose_history(
     return ids
 
 
+def lose_history_then_resume_now(
+    env: dict[str, str], db: Any, queue: Queue, processes: list[Process]
+) -> tuple[list[ObjectId], Process, dict[str, Any]]:
+    """Two users written in a gap of lost history, then a listener resumed from now: the gap users'
+    ids, the resumed listener (ready) and the gap record."""
+    gap_ids = listener_run_then_lose_history(env, db, queue, processes, gap_users=2)
+    resumed = Process({**env, "LISTENER_ON_HISTORY_LOST": "resume-now"})
+    processes.append(resumed)
+    resumed.wait_for_line("listener ready")
+    gap = db[GAPS].find_one()
+    assert gap is not None
+    return gap_ids, resumed, gap
+
+
 def test_fail_records_the_gap_once_and_exits_3(
     tiny_oplog: tuple[dict[str, str], Any], redis_server: RedisServer, processes: list[Process]
 ) -> None:
@@ -118,14 +132,9 @@ def test_resume_now_records_the_gap_continues_and_reconcile_re_emits_the_gap(
 ) -> None:
     env, db = tiny_oplog
     queue = Queue(redis_server.url)
-    gap_ids = listener_run_then_lose_history(env, db, queue, processes, gap_users=2)
-
-    resumed = Process({**env, "LISTENER_ON_HISTORY_LOST": "resume-now"})
-    processes.append(resumed)
-    resumed.wait_for_line("listener ready")
+    gap_ids, resumed, gap = lose_history_then_resume_now(env, db, queue, processes)
     assert "WARNING" in resumed.output and "resuming from now" in resumed.output
-    gap = db[GAPS].find_one()
-    assert gap is not None and gap["_id"] in resumed.output
+    assert gap["_id"] in resumed.output
     assert gap["to"]["token"] is not None and gap["resolved"] is False
     assert CheckpointStore(db).load(STREAM) != gap["from"]["token"]  # the new start is saved
 
@@ -183,13 +192,8 @@ def test_a_late_insert_the_listener_noted_is_left_out_once_the_oplog_has_rolled_
     tiny_oplog: tuple[dict[str, str], Any], redis_server: RedisServer, processes: list[Process]
 ) -> None:
     env, db = tiny_oplog
-    queue = Queue(redis_server.url)
-    gap_ids = listener_run_then_lose_history(env, db, queue, processes, gap_users=2)
-    resumed = Process({**env, "LISTENER_ON_HISTORY_LOST": "resume-now"})
-    processes.append(resumed)
-    resumed.wait_for_line("listener ready")
-    gap = db[GAPS].find_one()
-    assert gap is not None and gap["to"]["token"] is not None
+    gap_ids, resumed, gap = lose_history_then_resume_now(env, db, Queue(redis_server.url), processes)
+    assert gap["to"]["token"] is not None
 
     # Written after the resume with an ObjectId inside the window (a late write): delivered live,
     # and noted in the gap record before the checkpoint moves past it.
