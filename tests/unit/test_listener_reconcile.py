@@ -10,7 +10,7 @@ import mongomock
 from bson import ObjectId
 
 from changeflow.listener.publish import Message, Rejected
-from changeflow.listener.reconcile import reconcile, synthetic_events
+from changeflow.listener.reconcile import build_parser, reconcile, synthetic_events
 from changeflow.listener.routes import FieldChanged, Route
 from changeflow.worker.keys import dedup_key
 
@@ -87,3 +87,13 @@ def test_the_same_window_publishes_the_same_task_ids_and_dry_run_publishes_nothi
         == runs[1]
         == [dedup_key(token, "tasks.send_welcome_email"), dedup_key(token, "tasks.create_profile")]
     )
+
+
+def test_window_flags_are_utc_unless_they_name_a_zone() -> None:
+    parsed = build_parser().parse_args(
+        ["--since", "2026-11-23T13:00:00", "--until", "2026-11-23T14:30:00+01:00"]
+    )
+    assert parsed.since == datetime(2026, 11, 23, 13, 0, tzinfo=UTC)
+    assert parsed.until == datetime(
+        2026, 11, 23, 13, 30, tzinfo=UTC
+    ) and parsed.until.utcoffset() == timedelta(hours=1)
